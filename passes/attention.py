@@ -1,0 +1,145 @@
+"""Attention recognition inside one layer subgraph.
+
+Two forms reach us from Hugging Face models at the torch level:
+- ``scaled_dot_product_attention(q, k, v, attn_mask=..., is_causal=...)`` (sdpa and flex-free
+  paths), and
+- eager attention: ``matmul(q, k^T)`` -> scale / soft-cap / ``+ mask`` -> ``softmax(-1)`` ->
+  dropout / cast -> ``matmul(p, v)``.
+
+For either we return the query, key and value nodes, the mask operand (a value computed outside
+the layer) and the nodes that may mix along the key axis. Everything upstream of the key and
+value nodes becomes the K/V subgraph computed once per layer; the rest is the query-chunk graph.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch.fx as fx
+
+from .errors import CannotChunk, Reason
+from .seq_dims import op_name, shape_of
+
+# Ops allowed between the score matmul and the softmax, and between softmax and the value matmul.
+_SCORE_CHAIN = {"mul", "truediv", "div", "add", "sub", "to", "float", "type_as", "tanh", "where", "masked_fill", "contiguous"}
+_PROB_CHAIN = {"to", "float", "type_as", "dropout", "contiguous"}
+
+
+@dataclasses.dataclass
+class Attention:
+    kind: str  # "sdpa" or "eager"
+    node: fx.Node  # the sdpa node, or the value matmul of eager attention
+    query: fx.Node
+    key: fx.Node
+    value: fx.Node
+    mask: Optional[fx.Node]  # the mask operand as it enters the attention
+    mask_user: Optional[fx.Node]  # the node consuming the mask (sdpa, or the add/where)
+    is_causal: bool  # sdpa's is_causal flag (then there is no mask operand)
+    mixing_nodes: frozenset  # nodes allowed to reduce/contract over the key axis
+    dropout_p: object  # sdpa dropout_p argument (float or node)
+
+
+def _strip_transpose(node: fx.Node) -> fx.Node:
+    """``k.transpose(-2, -1)`` -> ``k``: the key of eager attention enters transposed."""
+    if op_name(node) == "transpose":
+        ndim = len(shape_of(node))
+        if sorted(d % ndim for d in node.args[1:3]) == [ndim - 2, ndim - 1]:
+            return node.args[0]
+    raise CannotChunk(Reason.NO_ATTENTION, f"{node.name}: key operand of the score matmul is not a transpose")
+
+
+def _sdpa(node: fx.Node) -> Attention:
+    args = list(node.args) + [None] * (7 - len(node.args))
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"]
+    bound = {name: node.kwargs.get(name, args[i]) for i, name in enumerate(names)}
+    if bound["dropout_p"] is None:
+        bound["dropout_p"] = 0.0
+    if node.kwargs.get("enable_gqa"):
+        pass  # grouped keys stay grouped; the key axis is still dim -2
+    return Attention(
+        kind="sdpa",
+        node=node,
+        query=bound["query"],
+        key=bound["key"],
+        value=bound["value"],
+        mask=bound["attn_mask"],
+        mask_user=node if bound["attn_mask"] is not None else None,
+        is_causal=bool(bound["is_causal"]),
+        mixing_nodes=frozenset({node}),
+        dropout_p=bound["dropout_p"],
+    )
+
+
+def _eager(softmax: fx.Node, layer_inputs: set) -> Attention:
+    chain = [softmax]
+    mask, mask_user = None, None
+    node = softmax.args[0]
+    while op_name(node) in _SCORE_CHAIN:
+        chain.append(node)
+        # The operand that is not the running scores and comes from outside the attention.
+        others = [a for a in node.all_input_nodes if a is not node.all_input_nodes[0]]
+        if op_name(node) in ("add", "where", "masked_fill", "sub"):
+            for other in others:
+                if _from_outside(other, layer_inputs):
+                    if mask is not None:
+                        raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{node.name}: two mask operands")
+                    mask, mask_user = other, node
+        node = node.all_input_nodes[0]
+    if op_name(node) != "matmul":
+        raise CannotChunk(Reason.NO_ATTENTION, f"{softmax.name}: softmax not fed by a score matmul")
+    scores = node
+    chain.append(scores)
+    users = list(softmax.users)
+    probs = softmax
+    while len(users) == 1 and op_name(users[0]) in _PROB_CHAIN:
+        probs = users[0]
+        chain.append(probs)
+        users = list(probs.users)
+    if len(users) != 1 or op_name(users[0]) != "matmul" or users[0].args[0] is not probs:
+        raise CannotChunk(Reason.NO_ATTENTION, f"{softmax.name}: softmax output not fed into a value matmul")
+    out = users[0]
+    chain.append(out)
+    return Attention(
+        kind="eager",
+        node=out,
+        query=scores.args[0],
+        key=_strip_transpose(scores.args[1]),
+        value=out.args[1],
+        mask=mask,
+        mask_user=mask_user,
+        is_causal=False,
+        mixing_nodes=frozenset(chain),
+        dropout_p=0.0,
+    )
+
+
+def _from_outside(node: fx.Node, layer_inputs: set) -> bool:
+    """True if ``node`` is a layer input or derived from layer inputs without the hidden state."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            if n not in layer_inputs:
+                return False
+            continue
+        stack.extend(n.all_input_nodes)
+    return True
+
+
+def find_attention(gm: fx.GraphModule, mask_candidates: set) -> Attention:
+    """The single attention of a layer subgraph. ``mask_candidates``: placeholders that may be masks."""
+    found = []
+    for node in gm.graph.nodes:
+        name = op_name(node)
+        if name == "scaled_dot_product_attention":
+            found.append(_sdpa(node))
+        elif name in ("softmax", "_softmax") and node.op in ("call_function", "call_method"):
+            found.append(_eager(node, mask_candidates))
+    if not found:
+        raise CannotChunk(Reason.NO_ATTENTION)
+    if len(found) > 1:
+        raise CannotChunk(Reason.MULTIPLE_ATTENTION, ", ".join(a.node.name for a in found))
+    return found[0]

@@ -1,0 +1,89 @@
+"""Decoder-layer detection: the repeated blocks of a Dynamo graph, found without model names.
+
+Dynamo records in ``node.meta["nn_module_stack"]`` the module path each op ran in. A decoder
+stack is a ModuleList: paths ``<prefix>.<i>`` for consecutive ``i`` with the same module type
+(``model.layers.3`` in Llama, ``transformer.h.3`` in GPT-2). Every op whose stack contains such a
+path belongs to that layer. Whether a found block may be chunked is decided later, by the
+sequence-dimension analysis of its ops, not by its name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import defaultdict
+
+import torch.fx as fx
+
+from .errors import CannotChunk, Reason
+
+_INDEXED = re.compile(r"^(?P<prefix>.+)\.(?P<index>\d+)$")
+
+
+@dataclasses.dataclass
+class LayerRegion:
+    """The ops of one decoder layer in the outer graph, and the values crossing its boundary."""
+
+    path: str  # module path, e.g. "model.layers.3"
+    nodes: list[fx.Node]
+    inputs: list[fx.Node]  # values defined outside and used inside, in first-use order
+    outputs: list[fx.Node]  # values defined inside and used outside
+
+
+def _clean_path(path: str) -> str:
+    return re.sub(r"^L\['self'\]\.?", "", path).replace("._modules['", ".").replace("']", "")
+
+
+def _layer_key(node: fx.Node):
+    """(stack prefix, index, module type) of the outermost indexed module ``node`` ran in."""
+    for path, module_type in (node.meta.get("nn_module_stack") or {}).values():
+        match = _INDEXED.match(_clean_path(path))
+        if match:
+            return match["prefix"], int(match["index"]), module_type
+    return None
+
+
+def find_layer_regions(gm: fx.GraphModule) -> list[LayerRegion]:
+    groups: dict[tuple, dict[int, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        key = _layer_key(node)
+        if key is not None:
+            prefix, index, module_type = key
+            groups[(prefix, module_type)][index].append(node)
+    stacks = [(key, layers) for key, layers in groups.items() if len(layers) >= 2]
+    if not stacks:
+        raise CannotChunk(Reason.NO_REPEATED_LAYERS, "no ModuleList of two or more equal blocks")
+    # The decoder stack is the repeated block with the most ops in total.
+    (prefix, _), layers = max(stacks, key=lambda item: sum(len(n) for n in item[1].values()))
+    return [region_of(f"{prefix}.{index}", layers[index]) for index in sorted(layers)]
+
+
+def region_of(path: str, nodes: list[fx.Node]) -> LayerRegion:
+    """The boundary of a set of nodes as the graph stands now (earlier rewrites change it)."""
+    members = set(nodes)
+    inputs: list[fx.Node] = []
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in members and arg not in inputs:
+                inputs.append(arg)
+    outputs = [n for n in nodes if any(user not in members for user in n.users)]
+    return LayerRegion(path=path, nodes=nodes, inputs=inputs, outputs=outputs)
+
+
+def extract_subgraph(inputs: list[fx.Node], nodes: list[fx.Node], outputs: list[fx.Node]) -> fx.GraphModule:
+    """Copy ``nodes`` into a standalone GraphModule with ``inputs`` as placeholders.
+
+    Placeholders keep the names and example values of the values they stand for, so a dump of
+    the subgraph reads like the original code.
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for value in inputs:
+        placeholder = graph.placeholder(value.name)
+        placeholder.meta = dict(value.meta)
+        env[value] = placeholder
+    for node in nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
+    return fx.GraphModule(outputs[0].graph.owning_module or {}, graph)

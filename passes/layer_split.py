@@ -1,0 +1,215 @@
+"""Split one decoder layer into a K/V graph and a query-chunk graph (DESIGN §1).
+
+- K/V graph: ``(*layer_inputs) -> (key, value)``, the ancestors of the attention's key and value
+  operands, run once per layer on the whole sequence.
+- Query-chunk graph: ``(*layer_inputs, key_prefix, value_prefix, [chunk_mask,] full_len, q_len,
+  kv_len) -> output chunk``: the layer with the key/value operands replaced by the prefix computed
+  once and the mask replaced by the chunk's mask. The runtime passes the sequence inputs sliced
+  to the query chunk; the analysis labels every dim of the graph ``Q`` (query axis) or ``K`` (key
+  axis), proves that only the attention mixes positions, and the shape arguments are rescaled to
+  the chunk's lengths.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .attention import Attention, find_attention
+from .errors import CannotChunk, Reason
+from .rescale import rescale_shape_arguments
+from .seq_dims import SeqDimAnalysis, UNKNOWN, example, op_name, shape_of
+
+Q, K = "Q", "K"
+
+
+@dataclasses.dataclass
+class LayerSplit:
+    kv_graph: fx.GraphModule
+    query_graph: fx.GraphModule
+    attention: Attention
+    query_slice_dims: list  # per layer input: the dim sliced to the query chunk, or None
+    mask_input: Optional[int]  # layer input index of the mask, or None if the mask is synthesized
+    synthesize_causal_mask: bool
+    kv_seq_dim: int  # sequence dim of the key/value operands
+    output_seq_dim: int
+    dropout_sources: list  # layer input indices whose .item() is a dropout probability
+    rescaled_arguments: int
+
+
+def _dropout_probability_sources(gm: fx.GraphModule, attention: Attention, placeholders: list) -> list:
+    """Layer inputs whose value sets a dropout probability (Dynamo lifts module floats as tensors).
+
+    Literal probabilities > 0 are refused here; lifted ones are checked by the runtime each call.
+    """
+    sources = []
+    probabilities = [attention.dropout_p]
+    for node in gm.graph.nodes:
+        if op_name(node) == "dropout":
+            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+            training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+            if training is not False:
+                probabilities.append(p)
+    for p in probabilities:
+        if isinstance(p, (int, float)):
+            if p > 0:
+                raise CannotChunk(Reason.DROPOUT, f"p={p}")
+            continue
+        # p = placeholder.item()
+        if op_name(p) == "item" and p.args[0] in placeholders:
+            sources.append(placeholders.index(p.args[0]))
+        else:
+            raise CannotChunk(Reason.DROPOUT, f"dropout probability computed by {p.name}")
+    return sources
+
+
+def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dynamic: bool) -> LayerSplit:
+    """``input_labels``: per layer input, its dims labelled ``"S"`` where they run along the sequence.
+
+    ``is_seq_sized``/``dynamic``: see ``SeqDimAnalysis``; with a dynamic length every
+    sequence-sized dim must be explained by the analysis.
+    """
+    placeholders = [n for n in layer_gm.graph.nodes if n.op == "placeholder"]
+    for node, labels in zip(placeholders, input_labels):
+        if labels == UNKNOWN:
+            raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{node.name}: produced by an op without a rule")
+    mask_candidates = {p for p, l in zip(placeholders, input_labels) if isinstance(l, tuple) and l.count("S") == 2}
+    attention = find_attention(layer_gm, mask_candidates)
+
+    mask_input = None
+    if attention.mask is not None:
+        if attention.mask not in mask_candidates:
+            raise CannotChunk(Reason.MASK_UNSUPPORTED, f"mask operand {attention.mask.name} is not a (.., T, T) layer input")
+        mask_input = placeholders.index(attention.mask)
+        mask_labels = input_labels[mask_input]
+        if mask_labels[-2:] != ("S", "S"):
+            raise CannotChunk(Reason.MASK_UNSUPPORTED, "mask sequence axes are not its last two dims")
+    elif not attention.is_causal:
+        raise CannotChunk(Reason.NOT_CAUSAL, "attention without mask and without is_causal")
+    for p, labels in zip(placeholders, input_labels):
+        if isinstance(labels, tuple) and labels.count("S") > 1 and p is not attention.mask:
+            raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{p.name} has {labels.count('S')} sequence dims")
+
+    dropout_sources = _dropout_probability_sources(layer_gm, attention, placeholders)
+    kv_graph, kv_seq_dim = _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dynamic)
+    query_graph, output_seq_dim, rescaled = _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim, is_seq_sized, dynamic)
+    query_slice_dims = [
+        labels.index("S") if isinstance(labels, tuple) and labels.count("S") == 1 else None
+        for labels in input_labels
+    ]
+    return LayerSplit(
+        kv_graph=kv_graph,
+        query_graph=query_graph,
+        attention=attention,
+        query_slice_dims=query_slice_dims,
+        mask_input=mask_input,
+        synthesize_causal_mask=attention.mask is None,
+        kv_seq_dim=kv_seq_dim,
+        output_seq_dim=output_seq_dim,
+        dropout_sources=dropout_sources,
+        rescaled_arguments=rescaled,
+    )
+
+
+def _initial(placeholders, input_labels, rename):
+    initial = {}
+    for p, labels in zip(placeholders, input_labels):
+        if isinstance(labels, tuple):
+            initial[p] = tuple(rename(i, l, labels) for i, l in enumerate(labels))
+        else:
+            initial[p] = labels
+    return initial
+
+
+def _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dynamic):
+    graph = fx.Graph()
+    env = {}
+    for p in placeholders:
+        env[p] = graph.placeholder(p.name)
+        env[p].meta = dict(p.meta)
+    needed = set()
+    stack = [attention.key, attention.value]
+    while stack:
+        n = stack.pop()
+        if n not in needed:
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+    for node in layer_gm.graph.nodes:
+        if node in needed and node.op != "placeholder":
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output((env[attention.key], env[attention.value]))
+    kv_gm = fx.GraphModule(layer_gm, graph)
+    new_placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, refuse_unexplained=dynamic)
+    labels = analysis.run(list(graph.nodes), _initial(new_placeholders, input_labels, lambda i, l, _: l))
+    key_labels, value_labels = labels[env[attention.key]], labels[env[attention.value]]
+    if key_labels.count("S") != 1 or value_labels.count("S") != 1:
+        raise CannotChunk(Reason.NO_SEQUENCE_DIM, "key/value without exactly one sequence dim")
+    kv_seq_dim = key_labels.index("S") - len(key_labels)
+    if value_labels.index("S") - len(value_labels) != kv_seq_dim or kv_seq_dim != -2:
+        raise CannotChunk(Reason.NO_SEQUENCE_DIM, "key/value sequence dim is not dim -2")
+    return kv_gm, kv_seq_dim
+
+
+def _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim, is_seq_sized, dynamic):
+    graph = fx.Graph()
+    env = {}
+    for p in placeholders:
+        env[p] = graph.placeholder(p.name)
+        env[p].meta = dict(p.meta)
+    key_prefix = graph.placeholder("key_prefix")
+    key_prefix.meta = dict(attention.key.meta)
+    value_prefix = graph.placeholder("value_prefix")
+    value_prefix.meta = dict(attention.value.meta)
+    env[attention.key], env[attention.value] = key_prefix, value_prefix
+    chunk_mask = None
+    if attention.mask is None:
+        chunk_mask = graph.placeholder("chunk_mask")
+    full_len, q_len, kv_len = (graph.placeholder(name) for name in ("full_len", "q_len", "kv_len"))
+    for node in layer_gm.graph.nodes:
+        if node.op == "placeholder" or node in (attention.key, attention.value):
+            continue
+        if node.op == "output":
+            graph.output(env[node.args[0]])
+            continue
+        copy = graph.node_copy(node, lambda n: env[n])
+        if node is attention.node and chunk_mask is not None:
+            # is_causal=True is upper-left aligned for q_len != kv_len: pass the lower-right mask.
+            copy.kwargs = {**copy.kwargs, "attn_mask": chunk_mask, "is_causal": False}
+        env[node] = copy
+    graph.eliminate_dead_code()
+    query_gm = fx.GraphModule(layer_gm, graph)
+
+    mixing = {env[n] for n in attention.mixing_nodes if n in env}
+
+    def rename(i, label, labels):
+        if label != "S":
+            return label
+        if labels.count("S") == 2:  # the mask: (..., query, key)
+            return Q if i == len(labels) - 2 else K
+        return Q
+
+    new_placeholders = [n for n in graph.nodes if n.op == "placeholder"][: len(placeholders)]
+    initial = _initial(new_placeholders, input_labels, rename)
+    kv_labels = [None] * len(shape_of(attention.key))
+    kv_labels[kv_seq_dim] = K
+    initial[key_prefix] = tuple(kv_labels)
+    value_labels = [None] * len(shape_of(attention.value))
+    value_labels[kv_seq_dim] = K
+    initial[value_prefix] = tuple(value_labels)
+    if chunk_mask is not None:
+        initial[chunk_mask] = (Q, K)
+    analysis = SeqDimAnalysis(
+        mixing_allowed=lambda node, label: node in mixing and label == K,
+        is_seq_sized=is_seq_sized,
+        refuse_unexplained=dynamic,
+    )
+    labels = analysis.run(list(graph.nodes), initial)
+    output = next(n for n in graph.nodes if n.op == "output").args[0]
+    out_labels = labels[output]
+    if not isinstance(out_labels, tuple) or out_labels.count(Q) != 1 or K in out_labels:
+        raise CannotChunk(Reason.LAYER_OUTPUTS, f"layer output sequence axes {out_labels}")
+    rescaled = rescale_shape_arguments(query_gm, labels, {Q: (full_len, q_len), K: (full_len, kv_len)})
+    return query_gm, out_labels.index(Q), rescaled

@@ -1,0 +1,97 @@
+"""The attention mask, rebuilt per query chunk instead of materialised at (B, 1, T, T).
+
+Hugging Face builds the mask before the layers from index comparisons: ``arange`` of query and
+key positions, the padding ``attention_mask`` gathered at key positions, a sliding window, ...
+(DESIGN §2). We copy the mask's ancestor cone out of the graph and find, by propagating *source*
+labels, which sequence-sized sources reach the mask's query axis (dim -2) and which its key axis
+(dim -1). The chunk builder narrows the query sources to ``[start, start + q_len)`` and the key
+sources to ``[0, kv_len)``, and rescales the shape arguments on the way, so it returns exactly
+the rows and the key prefix of the full mask that one chunk needs. Tables that are only looked
+up by index (the padding mask, packed-sequence ids) stay whole: they are O(T).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from .errors import CannotChunk, Reason
+from .rescale import rescale_shape_arguments
+from .seq_dims import SeqDimAnalysis, UNKNOWN, example
+
+Q, K = frozenset({"Q"}), frozenset({"K"})
+
+
+@dataclasses.dataclass
+class MaskBuilder:
+    graph: fx.GraphModule  # (*inputs, full_len, q_start, q_len, kv_len) -> chunk mask
+    inputs: list[fx.Node]  # outer-graph values the builder reads
+    query_sources: list[str]
+    key_sources: list[str]
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+def build_mask_builder(mask: fx.Node, outer_labels: dict, is_seq_sized) -> MaskBuilder:
+    cone = _ancestors(mask)
+    inputs = [n for n in cone if n.op == "placeholder"]
+    # 1. Which sources reach which mask axis.
+    initial = {}
+    for p in inputs:
+        labels = outer_labels.get(p)
+        if isinstance(labels, tuple):
+            initial[p] = tuple(frozenset({p.name}) if l == "S" else None for l in labels)
+    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, source_mode=True, lenient=True)
+    labels = analysis.run(cone, initial)
+    mask_labels = labels[mask]
+    if mask_labels == UNKNOWN or not isinstance(mask_labels, tuple) or len(mask_labels) < 2:
+        raise CannotChunk(Reason.MASK_UNSUPPORTED, f"cannot trace the construction of {mask.name}")
+    query_sources, key_sources = mask_labels[-2], mask_labels[-1]
+    if not query_sources or not key_sources or any(l for l in mask_labels[:-2]):
+        raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{mask.name}: sequence axes are not its last two dims")
+    if query_sources & key_sources:
+        raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{sorted(query_sources & key_sources)} feed both mask axes")
+
+    # 2. Copy the cone with each source narrowed to the chunk's rows or key prefix.
+    graph = fx.Graph()
+    env = {}
+    for p in inputs:
+        env[p] = graph.placeholder(p.name)
+        env[p].meta = dict(p.meta)
+    full_len, q_start, q_len, kv_len = (graph.placeholder(n) for n in ("full_len", "q_start", "q_len", "kv_len"))
+    chunk_labels = {}
+    by_name = {n.name: n for n in cone}
+    for node in cone:
+        if node.op != "placeholder":
+            env[node] = graph.node_copy(node, lambda n: env[n])
+        for sources, axis in ((query_sources, Q), (key_sources, K)):
+            if node.name in sources:
+                source_labels = labels[by_name[node.name]]
+                dim = source_labels.index(frozenset({node.name}))
+                start, length = (q_start, q_len) if axis is Q else (0, kv_len)
+                narrowed = graph.call_function(torch.narrow, (env[node], dim, start, length))
+                narrowed.meta = dict(node.meta)
+                chunk_labels[narrowed] = tuple(axis if i == dim else None for i in range(len(source_labels)))
+                env[node] = narrowed
+    graph.output(env[mask])
+    builder = fx.GraphModule(mask.graph.owning_module, graph)
+
+    # 3. Follow the narrowed axes and restate the shape arguments at chunk lengths.
+    chunk_analysis = SeqDimAnalysis(source_mode=True)
+    chunk_result = chunk_analysis.run([n for n in graph.nodes], chunk_labels)
+    if chunk_result[env[mask]][-2:] != (Q, K):
+        raise CannotChunk(Reason.MASK_UNSUPPORTED, "chunked mask axes do not come out as (query, key)")
+    for node, node_labels in chunk_result.items():
+        if isinstance(node_labels, tuple) and any(l is not None and l not in (Q, K) for l in node_labels):
+            raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{node.name}: query and key positions combined in one axis")
+    rescale_shape_arguments(builder, chunk_result, {Q: (full_len, q_len), K: (full_len, kv_len)})
+    return MaskBuilder(builder, inputs, sorted(query_sources), sorted(key_sources))

@@ -1,0 +1,212 @@
+"""The rewriting pass: each chunkable decoder layer becomes one ``streambp::layer`` call.
+
+Runs the analyses (layer regions, sequence dims of the whole graph, per-layer split, mask
+builders), probes each rewritten layer on small real chunks, and only then replaces the layer's
+ops in the outer graph. A layer any step refuses keeps its original ops (ordinary autograd) and
+its reason is recorded.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from sbp_compiler.report import GraphReport, LayerDecision
+from sbp_compiler.runtime import InputRef, LayerPlan, register_plan
+
+from .errors import CannotChunk, Reason
+from .find_layers import LayerRegion, extract_subgraph, find_layer_regions, region_of
+from .layer_split import LayerSplit, split_layer
+from .mask import MaskBuilder, build_mask_builder
+from .seq_dims import SeqDimAnalysis, UNKNOWN, example, seq_sized_predicate, size_hint
+
+log = logging.getLogger("sbp_compiler.passes.outline")
+
+
+def _is_parameter_or_buffer(node: fx.Node, example_input) -> bool:
+    return isinstance(example_input, torch.nn.Parameter) or "_buffers_" in node.name or "_parameters_" in node.name
+
+
+def sequence_labels(gm: fx.GraphModule, example_inputs, is_seq_sized) -> dict:
+    """Label ``"S"`` every dim of every value that runs along the sequence (lenient)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    initial = {}
+    for node, value in zip(placeholders, example_inputs):
+        shape = getattr(example(node), "shape", None)
+        if shape is None or _is_parameter_or_buffer(node, value):
+            continue
+        initial[node] = tuple(frozenset({node.name}) if is_seq_sized(s) else None for s in shape)
+    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, source_mode=True, lenient=True)
+    source_labels = analysis.run(list(gm.graph.nodes), initial)
+
+    def to_s(labels):
+        if isinstance(labels, tuple):
+            return tuple("S" if l else None for l in labels)
+        if isinstance(labels, list):
+            return [to_s(l) for l in labels]
+        return labels
+
+    return {node: to_s(labels) for node, labels in source_labels.items()}, source_labels
+
+
+def _sequence_length(regions: list[LayerRegion]):
+    out = example(regions[0].outputs[0]) if len(regions[0].outputs) == 1 else None
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        raise CannotChunk(Reason.NO_SEQUENCE_DIM, "first layer output is not a (.., T, hidden) tensor")
+    return out.shape[-2]
+
+
+def _fabricate(node: fx.Node, real: dict):
+    """A real value to probe with: the example input if there is one, else random data."""
+    value = real[node] if node in real else example(node)
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+        return value
+    if isinstance(value, torch.SymInt):
+        return size_hint(value)
+    if not isinstance(value, torch.Tensor):
+        return value
+    shape = [size_hint(s) for s in value.shape]
+    if value.is_floating_point():
+        return torch.randn(shape, dtype=value.dtype)
+    if value.dtype == torch.bool:
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.zeros(shape, dtype=value.dtype)
+
+
+def _probe(plan: LayerPlan, region: LayerRegion, mask_inputs: list, split: LayerSplit, real: dict, full: int):
+    """Run the rewritten layer on two small real chunks: shapes and mask causality must hold."""
+    values = [_fabricate(n, real) for n in region.inputs]
+    mask_values = [_fabricate(n, real) for n in mask_inputs]
+    key = torch.randn([size_hint(s) for s in example(split.attention.key).shape], dtype=example(split.attention.key).dtype)
+    value = torch.randn([size_hint(s) for s in example(split.attention.value).shape], dtype=example(split.attention.value).dtype)
+    out_shape = [size_hint(s) for s in example(region.outputs[0]).shape]
+    for start, end in ((0, min(full, 2)), (1, min(full, 4)), (max(0, full - 3), full)):
+        if end <= start:
+            continue
+        with torch.no_grad():
+            chunk = plan.query_graph(*plan.query_args(values, mask_values, key, value, start, end, full))
+        expected = list(out_shape)
+        expected[plan.output_seq_dim] = end - start
+        if list(chunk.shape) != expected:
+            raise CannotChunk(Reason.SHAPE_PROBE, f"chunk [{start}, {end}) gave shape {list(chunk.shape)}, expected {expected}")
+
+
+def outline_layers(
+    gm: fx.GraphModule,
+    example_inputs,
+    chunk_size: int,
+    report: GraphReport,
+    wrap_subgraph: Callable[[str, fx.GraphModule], Callable],
+) -> list[tuple[LayerDecision, Optional[LayerSplit]]]:
+    """Rewrite ``gm`` in place; ``wrap_subgraph(name, gm)`` turns each new subgraph into a callable."""
+    regions = find_layer_regions(gm)
+    seq_len = _sequence_length(regions)
+    dynamic = isinstance(seq_len, torch.SymInt)
+    report.dynamic = dynamic
+    report.sequence_length = str(seq_len.node.expr) if dynamic else str(seq_len)
+    if not dynamic and seq_len < 2:
+        raise CannotChunk(Reason.SHORT_SEQUENCE, f"static length {seq_len}")
+    is_seq_sized = seq_sized_predicate(seq_len)
+    labels, source_labels = sequence_labels(gm, example_inputs, is_seq_sized)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    real = dict(zip(placeholders, example_inputs))
+    full = size_hint(seq_len)
+
+    builders: dict[fx.Node, MaskBuilder] = {}
+    results = []
+    for region in regions:
+        decision = LayerDecision(path=region.path, chunked=False)
+        report.layers.append(decision)
+        try:
+            split = _outline_one(gm, region, labels, is_seq_sized, dynamic, builders, chunk_size, decision,
+                                 wrap_subgraph, real, full)
+            results.append((decision, split))
+        except CannotChunk as refusal:
+            decision.reason, decision.detail = refusal.reason, refusal.detail
+            log.info("streambp: %s not chunked: %s", region.path, refusal)
+            results.append((decision, None))
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return results
+
+
+def _outline_one(gm, region, labels, is_seq_sized, dynamic, builders, chunk_size, decision, wrap_subgraph, real, full):
+    region = region_of(region.path, region.nodes)
+    if len(region.outputs) != 1:
+        raise CannotChunk(Reason.LAYER_OUTPUTS, f"{len(region.outputs)} values leave the layer")
+    output = region.outputs[0]
+    layer_gm = extract_subgraph(region.inputs, region.nodes, region.outputs)
+    input_labels = [labels.get(n, UNKNOWN) for n in region.inputs]
+    split = split_layer(layer_gm, input_labels, is_seq_sized, dynamic)
+
+    mask_node = region.inputs[split.mask_input] if split.mask_input is not None else None
+    builder = None
+    if mask_node is not None:
+        if mask_node not in builders:
+            builders[mask_node] = build_mask_builder(mask_node, labels, is_seq_sized)
+        builder = builders[mask_node]
+
+    # Arguments of the op: tensors and ints; the mask itself is rebuilt per chunk.
+    tensors, ints = [], []
+
+    def ref(node: fx.Node) -> InputRef:
+        value = example(node)
+        if isinstance(value, torch.Tensor):
+            if node not in tensors:
+                tensors.append(node)
+            return InputRef("tensor", tensors.index(node))
+        if isinstance(value, (int, torch.SymInt)):
+            ints.append(node)
+            return InputRef("int", len(ints) - 1)
+        raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{node.name} is a {type(value).__name__}")
+
+    layer_refs = [ref(n) if n is not mask_node else InputRef("tensor", -1) for n in region.inputs]
+    mask_refs = [ref(n) for n in builder.inputs] if builder else []
+    out_value = example(output)
+    like = [
+        i for i, n in enumerate(tensors)
+        if n in region.inputs and split.query_slice_dims[region.inputs.index(n)] is not None
+        and example(n).shape == out_value.shape and example(n).dtype == out_value.dtype
+    ]
+    if not like:
+        raise CannotChunk(Reason.LAYER_OUTPUTS, "no layer input has the output's shape and dtype")
+
+    name = region.path
+    plan = LayerPlan(
+        name=name,
+        kv_graph=wrap_subgraph(f"{name}.kv", split.kv_graph),
+        query_graph=wrap_subgraph(f"{name}.query", split.query_graph),
+        layer_inputs=layer_refs,
+        mask_inputs=mask_refs,
+        query_slice_dims=split.query_slice_dims,
+        mask_input=split.mask_input,
+        mask_builder=wrap_subgraph(f"{name}.mask", builder.graph) if builder else None,
+        kv_seq_dim=split.kv_seq_dim,
+        output_seq_dim=split.output_seq_dim,
+        output_like=like[0],
+        dropout_sources=split.dropout_sources,
+        chunk_size=chunk_size,
+    )
+    _probe(plan, region, builder.inputs if builder else [], split, real, full)
+    plan_id = register_plan(plan)
+
+    graph = gm.graph
+    with graph.inserting_before(output):
+        call = graph.call_function(torch.ops.streambp.layer.default, (plan_id, list(tensors), list(ints)))
+    call.meta = dict(output.meta)
+    labels[call] = labels[output]
+    output.replace_all_uses_with(call, delete_user_cb=lambda user: user not in set(region.nodes))
+    for node in reversed(region.nodes):
+        if not node.users:
+            graph.erase_node(node)
+    decision.chunked = True
+    decision.attention = split.attention.kind
+    decision.mask = (
+        "lower-right causal (built per chunk)" if builder is None
+        else f"rebuilt per chunk (query sources {builder.query_sources}, key sources {builder.key_sources})"
+    )
+    decision.rescaled_arguments = split.rescaled_arguments
+    return split

@@ -1,0 +1,476 @@
+"""Sequence-dimension analysis: which dimension of every tensor in an FX graph is a sequence axis.
+
+Each tensor-valued node gets a tuple with one entry per dimension: ``None`` or a label naming the
+sequence axis the dimension runs along (``"S"`` for the sequence, ``"Q"``/``"K"`` for the query
+and key axes of a chunk, or a set of source names when tracing where an axis comes from). The
+labels are propagated forward with one rule per operation, Inductor auto_chunker style:
+elementwise ops broadcast, ``linear`` keeps all but the last dim, views regroup dims, and so on.
+
+The analysis is also the proof that a region is token-wise: an op that reduces or contracts over
+a labelled dim mixes positions, and is refused unless the caller allows it (attention over the
+key axis). An op without a rule is refused too. Refusals raise ``CannotChunk``; in lenient mode
+the node is marked ``UNKNOWN`` instead, so a caller can analyse a whole graph and only fail where
+an unknown value actually matters.
+
+Static graphs bake the sequence length into literal shape arguments; dynamic graphs use a sympy
+symbol. Labels come from propagation, never from matching sizes, so both work the same way; sizes
+are only used to recognise where a sequence axis is created (``arange(T)``) in ``source_mode``.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Callable, Hashable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from .errors import CannotChunk, Reason
+
+UNKNOWN = "<unknown>"  # label value for a node lenient analysis could not explain
+
+# Ops that act elementwise with broadcasting (method names, function __name__s).
+POINTWISE = frozenset(
+    """add sub mul truediv div floordiv mod neg pos pow rsqrt sqrt exp exp2 log log2 log1p expm1
+    tanh sigmoid silu gelu relu relu6 leaky_relu elu selu celu mish softplus hardswish hardsigmoid
+    sin cos erf abs sign reciprocal square clamp clamp_min clamp_max clip maximum minimum
+    to float double half bfloat16 type_as type contiguous clone detach where masked_fill
+    and_ or_ xor invert logical_and logical_or logical_not logical_xor bitwise_and bitwise_or
+    bitwise_not le lt ge gt eq ne iadd isub imul itruediv add_ sub_ mul_ div_ dropout
+    _to_copy lerp addcmul addcdiv fill_ zero_""".split()
+)
+REDUCTIONS = frozenset("mean sum amax amin var std norm logsumexp prod all any argmax argmin".split())
+# Same-shape ops that mix positions along one dim.
+ALONG_DIM = frozenset("softmax log_softmax cumsum cumprod logcumsumexp".split())
+CREATION = frozenset("arange ones zeros full empty rand randn new_ones new_zeros new_full new_empty".split())
+NON_TENSOR = frozenset("size dim item numel Size _sym_sqrt sym_sqrt sym_int sym_float sym_max sym_min".split())
+
+
+def op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def example(node_or_value):
+    if isinstance(node_or_value, fx.Node):
+        return node_or_value.meta.get("example_value", node_or_value.meta.get("val"))
+    return node_or_value
+
+
+def size_hint(size) -> int:
+    """A concrete value for a (possibly symbolic) size: the example the graph was traced with."""
+    if isinstance(size, torch.SymInt):
+        return size.node.require_hint() if hasattr(size.node, "require_hint") else int(size.node.hint)
+    return int(size)
+
+
+def shape_of(node_or_value) -> Optional[tuple]:
+    value = example(node_or_value)
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _normalise_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+class SeqDimAnalysis:
+    """Forward label propagation over the given nodes of one graph.
+
+    ``mixing_allowed(node, label)`` says whether ``node`` may reduce or contract over a dim with
+    ``label`` (the attention's key axis); ``is_seq_sized(size)`` says whether a dim of that size
+    is the sequence (used to find where sequence axes are created, and to refuse sequence-sized
+    dims that no rule explains); ``source_mode`` turns such creations into fresh source labels
+    (``frozenset({node.name})``) and merges labels by union, to find out which source reaches
+    which axis of a value; ``refuse_unexplained`` refuses such creations instead (use it only
+    where sizes identify the sequence exactly: a dynamic length).
+    """
+
+    def __init__(
+        self,
+        *,
+        mixing_allowed: Callable[[fx.Node, Hashable], bool] = lambda node, label: False,
+        is_seq_sized: Callable[[object], bool] = lambda size: False,
+        source_mode: bool = False,
+        refuse_unexplained: bool = False,
+        lenient: bool = False,
+    ):
+        self.mixing_allowed = mixing_allowed
+        self.is_seq_sized = is_seq_sized
+        self.source_mode = source_mode
+        self.refuse_unexplained = refuse_unexplained
+        self.lenient = lenient
+        self.labels: dict[fx.Node, object] = {}
+
+    # -- public -----------------------------------------------------------------------------
+    def run(self, nodes: Sequence[fx.Node], initial: dict[fx.Node, object]) -> dict[fx.Node, object]:
+        self.labels.update(initial)
+        for node in nodes:
+            if node in self.labels or node.op == "output":
+                continue
+            try:
+                labels = self._rule(node)
+                labels = self._check_unexplained_seq_dims(node, labels)
+            except CannotChunk:
+                if not self.lenient:
+                    raise
+                labels = UNKNOWN
+            self.labels[node] = labels
+        return self.labels
+
+    def of(self, value):
+        """Labels of an argument: a node's labels, or ``None`` for constants."""
+        if isinstance(value, fx.Node):
+            if value not in self.labels:
+                return self._default_labels(value)
+            return self.labels[value]
+        return None
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _default_labels(self, node: fx.Node):
+        shape = shape_of(node)
+        return (None,) * len(shape) if shape is not None else None
+
+    def _merge(self, a, b, node):
+        if a is None:
+            return b
+        if b is None or a == b:
+            return a
+        if self.source_mode:
+            return a | b
+        raise CannotChunk(Reason.SEQUENCE_MIXING, f"{node.name}: axes {a} and {b} meet elementwise")
+
+    def _tensor_args(self, node):
+        flat, _ = torch.utils._pytree.tree_flatten((node.args, node.kwargs))
+        return [a for a in flat if isinstance(a, fx.Node) and isinstance(example(a), torch.Tensor)]
+
+    def _any_unknown(self, node):
+        flat, _ = torch.utils._pytree.tree_flatten((node.args, node.kwargs))
+        return any(isinstance(a, fx.Node) and self.labels.get(a) == UNKNOWN for a in flat)
+
+    def _mix(self, node, label, what):
+        if label is None or self.source_mode or self.mixing_allowed(node, label):
+            return
+        raise CannotChunk(Reason.SEQUENCE_MIXING, f"{node.name} ({op_name(node)}) {what} over sequence axis {label}")
+
+    def _check_unexplained_seq_dims(self, node, labels):
+        """A sequence-sized dim that no rule labelled is a sequence axis made from nothing."""
+        shape = shape_of(node)
+        if shape is None or not isinstance(labels, tuple):
+            return labels
+        fresh = list(labels)
+        for i, size in enumerate(shape):
+            if fresh[i] is None and self.is_seq_sized(size):
+                if self.source_mode and op_name(node) in CREATION:
+                    fresh[i] = frozenset({node.name})
+                elif self.refuse_unexplained:
+                    raise CannotChunk(
+                        Reason.UNKNOWN_OP,
+                        f"{node.name} ({op_name(node)}) creates a sequence-sized dim {i} not derived from the input",
+                    )
+        return tuple(fresh)
+
+    def _broadcast(self, node, args):
+        out_shape = shape_of(node)
+        out = [None] * len(out_shape)
+        for arg in args:
+            labels = self.of(arg)
+            if not isinstance(labels, tuple):
+                continue
+            offset = len(out_shape) - len(labels)
+            for i, label in enumerate(labels):
+                if label is not None and offset + i >= 0:
+                    out[offset + i] = self._merge(out[offset + i], label, node)
+        return tuple(out)
+
+    # -- rules ------------------------------------------------------------------------------
+    def _rule(self, node: fx.Node):
+        if node.op == "placeholder" or node.op == "get_attr":
+            return self._default_labels(node)
+        if self._any_unknown(node):
+            raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name} depends on an unexplained value")
+        name = op_name(node)
+        value = example(node)
+        if not isinstance(value, (torch.Tensor, list, tuple)) or name in NON_TENSOR:
+            return None
+        rule = getattr(self, f"_rule_{name}", None)
+        if rule is not None:
+            return rule(node)
+        if name in POINTWISE:
+            return self._broadcast(node, self._tensor_args(node))
+        if name in REDUCTIONS:
+            return self._reduction(node)
+        if name in ALONG_DIM:
+            return self._along_dim(node)
+        if name in CREATION:
+            return self._default_labels(node)
+        raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: no sequence-dimension rule for {name!r}")
+
+    def _dim_arg(self, node, position, default=None):
+        if len(node.args) > position:
+            return node.args[position]
+        return node.kwargs.get("dim", default)
+
+    def _reduction(self, node):
+        x = node.args[0]
+        labels = self.of(x)
+        ndim = len(labels)
+        dims = self._dim_arg(node, 1)
+        if isinstance(dims, fx.Node):  # torch.max(a, b) is elementwise
+            return self._broadcast(node, self._tensor_args(node))
+        if dims is None:
+            dims = list(range(ndim))
+        elif isinstance(dims, int):
+            dims = [dims]
+        dims = {_normalise_dim(d, ndim) for d in dims}
+        for d in dims:
+            self._mix(node, labels[d], f"reduces dim {d}")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if keepdim:
+            return tuple(None if i in dims else l for i, l in enumerate(labels))
+        return tuple(l for i, l in enumerate(labels) if i not in dims)
+
+    def _along_dim(self, node):
+        labels = self.of(node.args[0])
+        dim = self._dim_arg(node, 1)
+        if dim is None:
+            raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: {op_name(node)} without dim")
+        self._mix(node, labels[_normalise_dim(dim, len(labels))], f"runs along dim {dim}")
+        return labels
+
+    def _rule_max(self, node):
+        return self._reduction(node)
+
+    _rule_min = _rule_max
+
+    def _rule_layer_norm(self, node):
+        labels = self.of(node.args[0])
+        normalized = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+        for label in labels[len(labels) - len(normalized):]:
+            self._mix(node, label, "normalises")
+        return labels
+
+    _rule_rms_norm = _rule_layer_norm
+
+    def _rule_linear(self, node):
+        labels = self.of(node.args[0])
+        self._mix(node, labels[-1], "contracts")
+        return labels[:-1] + (None,)
+
+    def _rule_embedding(self, node):
+        return self.of(node.args[0]) + (None,)
+
+    def _rule_addmm(self, node):
+        m1, m2 = self.of(node.args[1]), self.of(node.args[2])
+        self._mix(node, m1[1], "contracts")
+        self._mix(node, m2[0], "contracts")
+        return self._merge_pair(node, (m1[0], m2[1]), self.of(node.args[0]))
+
+    def _merge_pair(self, node, labels, bias):
+        if not isinstance(bias, tuple):
+            return labels
+        out = list(labels)
+        for i, label in enumerate(bias):
+            out[len(out) - len(bias) + i] = self._merge(out[len(out) - len(bias) + i], label, node)
+        return tuple(out)
+
+    def _rule_matmul(self, node):
+        a, b = self.of(node.args[0]), self.of(node.args[1])
+        if len(a) < 2 or len(b) < 2:
+            raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: matmul with a 1-d operand")
+        self._mix(node, a[-1], "contracts")
+        self._mix(node, b[-2], "contracts")
+        batch_ndim = len(shape_of(node)) - 2
+        batch = [None] * batch_ndim
+        for labels in (a[:-2], b[:-2]):
+            for i, label in enumerate(labels):
+                pos = batch_ndim - len(labels) + i
+                batch[pos] = self._merge(batch[pos], label, node)
+        return tuple(batch) + (a[-2], b[-1])
+
+    _rule_bmm = _rule_mm = _rule_matmul
+
+    def _rule_scaled_dot_product_attention(self, node):
+        q, k, v = (self.of(a) for a in node.args[:3])
+        self._mix(node, k[-2], "attends")
+        return q[:-1] + (v[-1],)
+
+    def _rule_transpose(self, node):
+        labels = list(self.of(node.args[0]))
+        d0, d1 = (_normalise_dim(d, len(labels)) for d in node.args[1:3])
+        labels[d0], labels[d1] = labels[d1], labels[d0]
+        return tuple(labels)
+
+    def _rule_t(self, node):
+        return tuple(reversed(self.of(node.args[0])))
+
+    def _rule_permute(self, node):
+        labels = self.of(node.args[0])
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        if "dims" in node.kwargs:
+            dims = node.kwargs["dims"]
+        return tuple(labels[_normalise_dim(d, len(labels))] for d in dims)
+
+    def _rule_unsqueeze(self, node):
+        labels = list(self.of(node.args[0]))
+        dim = _normalise_dim(self._dim_arg(node, 1), len(labels) + 1)
+        labels.insert(dim, None)
+        return tuple(labels)
+
+    def _rule_squeeze(self, node):
+        labels = self.of(node.args[0])
+        in_shape, out_shape = shape_of(node.args[0]), shape_of(node)
+        return self._regroup(node, labels, in_shape, out_shape)
+
+    def _rule_expand(self, node):
+        labels = self.of(node.args[0])
+        out_ndim = len(shape_of(node))
+        return (None,) * (out_ndim - len(labels)) + tuple(labels)
+
+    _rule_expand_as = _rule_expand
+
+    def _rule_view(self, node):
+        return self._regroup(node, self.of(node.args[0]), shape_of(node.args[0]), shape_of(node))
+
+    _rule_reshape = _rule_flatten = _rule_unflatten = _rule_view_as = _rule_reshape_as = _rule_view
+
+    def _regroup(self, node, labels, in_shape, out_shape):
+        """Labels of a view: an output dim inherits the label of the input dims it overlaps."""
+        in_hint = [size_hint(s) for s in in_shape]
+        out_hint = [size_hint(s) for s in out_shape]
+        in_cum = [math.prod(in_hint[:i]) for i in range(len(in_hint) + 1)]
+        out_cum = [math.prod(out_hint[:i]) for i in range(len(out_hint) + 1)]
+        out = [None] * len(out_shape)
+        for k, label in enumerate(labels):
+            if label is None or in_hint[k] == 1:
+                continue
+            candidates = [
+                m for m in range(len(out_shape))
+                if out_hint[m] != 1 and out_cum[m] < in_cum[k + 1] and out_cum[m + 1] > in_cum[k]
+            ]
+            if len(candidates) > 1:  # a split: the sequence goes with the sequence-sized part
+                candidates = [m for m in candidates if self.is_seq_sized(out_shape[m])]
+            if len(candidates) != 1:
+                raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: cannot follow sequence axis {label} through view")
+            out[candidates[0]] = self._merge(out[candidates[0]], label, node)
+        return tuple(out)
+
+    def _rule_getitem(self, node):
+        base, index = node.args
+        base_labels = self.of(base)
+        if isinstance(example(base), (list, tuple)):  # a tuple output (split, chunk, unbind)
+            return base_labels[index] if isinstance(base_labels, list) else self._default_labels(node)
+        if not isinstance(base_labels, tuple):
+            return None
+        return self._index(node, base_labels, index if isinstance(index, tuple) else (index,))
+
+    def _index(self, node, labels, index):
+        ndim = len(labels)
+        consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+        out, dim, advanced = [], 0, []
+        for item in index:
+            if item is Ellipsis:
+                for _ in range(ndim - consumed):
+                    out.append(labels[dim])
+                    dim += 1
+            elif item is None:
+                out.append(None)
+            elif isinstance(item, slice):
+                full = item == slice(None, None, None)
+                if not full:
+                    self._mix(node, labels[dim], "slices")
+                out.append(labels[dim])
+                dim += 1
+            elif isinstance(item, int):
+                self._mix(node, labels[dim], "selects")
+                dim += 1
+            elif isinstance(item, fx.Node) and isinstance(example(item), torch.Tensor):
+                self._mix(node, labels[dim], "gathers")
+                advanced.append(item)
+                out.append("<advanced>")
+                dim += 1
+            else:
+                raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: unsupported index {item!r}")
+        out.extend(labels[dim:])
+        if advanced:
+            # Advanced indices broadcast together; the result takes their place (torch puts it
+            # first when the indexed dims are not adjacent).
+            index_labels = self._broadcast_shapes(node, advanced)
+            first = out.index("<advanced>")
+            adjacent = out.count("<advanced>") == len(advanced) and all(
+                out[first + i] == "<advanced>" for i in range(len(advanced))
+            )
+            rest = [l for l in out if l != "<advanced>"]
+            if adjacent:
+                out = rest[:first] + list(index_labels) + rest[first:]
+            else:
+                out = list(index_labels) + rest
+        if len(out) != len(shape_of(node)):
+            raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: indexing rule disagrees with the traced shape")
+        return tuple(out)
+
+    def _broadcast_shapes(self, node, args):
+        ndim = max(len(shape_of(a)) for a in args)
+        out = [None] * ndim
+        for arg in args:
+            labels = self.of(arg)
+            for i, label in enumerate(labels):
+                pos = ndim - len(labels) + i
+                if label is not None:
+                    out[pos] = self._merge(out[pos], label, node)
+        return out
+
+    def _rule_split(self, node):
+        labels = self.of(node.args[0])
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        self._mix(node, labels[_normalise_dim(dim, len(labels))], "splits")
+        return [labels] * len(example(node))
+
+    _rule_chunk = _rule_split
+
+    def _rule_unbind(self, node):
+        labels = self.of(node.args[0])
+        dim = _normalise_dim(self._dim_arg(node, 1, 0), len(labels))
+        self._mix(node, labels[dim], "unbinds")
+        return [labels[:dim] + labels[dim + 1:]] * len(example(node))
+
+    def _rule_cat(self, node):
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        out = None
+        for t in tensors:
+            labels = self.of(t)
+            out = labels if out is None else tuple(self._merge(a, b, node) for a, b in zip(out, labels))
+        self._mix(node, out[_normalise_dim(dim, len(out))], "concatenates")
+        return out
+
+    _rule_concat = _rule_concatenate = _rule_cat
+
+    def _rule_stack(self, node):
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        out = None
+        for t in tensors:
+            labels = self.of(t)
+            out = labels if out is None else tuple(self._merge(a, b, node) for a, b in zip(out, labels))
+        out = list(out)
+        out.insert(_normalise_dim(dim, len(out) + 1), None)
+        return tuple(out)
+
+
+def seq_sized_predicate(seq_len) -> Callable[[object], bool]:
+    """Whether a size is (a multiple of) the sequence length.
+
+    With a dynamic length the sequence symbol identifies it exactly; with a static length only
+    the value is known, which is why the caller uses this for sources and safety checks only.
+    """
+    if isinstance(seq_len, torch.SymInt):
+        symbol = seq_len.node.expr
+
+        def is_seq_sized(size) -> bool:
+            return isinstance(size, torch.SymInt) and symbol in size.node.expr.free_symbols
+
+        return is_seq_sized
+    return lambda size: isinstance(size, int) and size == seq_len and seq_len > 1

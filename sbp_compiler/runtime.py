@@ -1,0 +1,264 @@
+"""Runtime: each decoder layer as an opaque custom op with a chunked forward and backward.
+
+``streambp::layer`` runs a layer chunk by chunk along the sequence and, through
+``register_autograd``, saves only its inputs. Its backward is another opaque op,
+``streambp::layer_backward``, that runs the StreamBP loop of DESIGN §1:
+
+1. K/V for the whole sequence, once (no graph kept);
+2. per query chunk ``[s, e)``: the query-chunk graph on the chunk's inputs and the key/value
+   prefix ``[:e]`` as leaves, backpropagating the chunk's output gradient; this gives the chunk's
+   input gradient, adds into dK/dV and into the weight gradients;
+3. dK/dV backpropagated through the K/V graph once.
+
+Both ops are opaque to AOTAutograd, so the chunk loop is neither unrolled nor specialised to a
+length: one compiled graph serves every sequence length. Layers are identified by an integer
+handle into ``PLANS``, since a custom op cannot take Python objects.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+from typing import Callable, Optional, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class InputRef:
+    """Where a layer (or mask builder) input comes from in the op's ``tensors``/``ints`` lists."""
+
+    kind: str  # "tensor" or "int"
+    index: int
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    name: str
+    kv_graph: Callable  # (*layer_inputs) -> (key, value)
+    query_graph: Callable  # (*layer_inputs, key_prefix, value_prefix, [mask,] full, q_len, kv_len)
+    layer_inputs: list[InputRef]
+    mask_inputs: list[InputRef]
+    query_slice_dims: list[Optional[int]]  # per layer input
+    mask_input: Optional[int]  # layer input replaced by the chunk mask
+    mask_builder: Optional[Callable]  # (*mask_inputs, full, q_start, q_len, kv_len) -> mask
+    kv_seq_dim: int
+    output_seq_dim: int
+    output_like: int  # index into tensors of an input with the output's shape and dtype
+    dropout_sources: list[int]  # layer inputs holding a dropout probability
+    chunk_size: int
+
+    def unpack(self, tensors, ints):
+        def pick(ref: InputRef):
+            return tensors[ref.index] if ref.kind == "tensor" else ints[ref.index]
+
+        return [pick(r) for r in self.layer_inputs], [pick(r) for r in self.mask_inputs]
+
+    def chunks(self, length: int):
+        for start in range(0, length, self.chunk_size):
+            yield start, min(length, start + self.chunk_size)
+
+    def chunk_mask(self, mask_values, start: int, end: int, full: int, device) -> torch.Tensor:
+        if self.mask_builder is None:
+            query = torch.arange(start, end, device=device)
+            mask = torch.arange(end, device=device)[None, :] <= query[:, None]
+        else:
+            mask = self.mask_builder(*mask_values, full, start, end - start, end)
+        check_lower_right_causal(mask, start, end, self.name)
+        return mask
+
+    def query_args(self, values, mask_values, key, value, start, end, full):
+        args = [
+            v if dim is None else v.narrow(dim, start, end - start)
+            for v, dim in zip(values, self.query_slice_dims)
+        ]
+        mask = self.chunk_mask(mask_values, start, end, full, key.device)
+        if self.mask_input is not None:
+            args[self.mask_input] = mask
+        args += [key.narrow(self.kv_seq_dim, 0, end), value.narrow(self.kv_seq_dim, 0, end)]
+        if self.mask_input is None:
+            args.append(mask)
+        return args + [full, end - start, end]
+
+    def check_dropout(self, values):
+        for index in self.dropout_sources:
+            if float(values[index]) != 0.0:
+                raise RuntimeError(
+                    f"streambp: {self.name} runs dropout with p={float(values[index])} but was compiled "
+                    "for p=0; recompile (torch._dynamo.reset()) so that it runs unchunked"
+                )
+
+
+PLANS: dict[int, LayerPlan] = {}
+_plan_ids = itertools.count()
+
+
+def register_plan(plan: LayerPlan) -> int:
+    plan_id = next(_plan_ids)
+    PLANS[plan_id] = plan
+    return plan_id
+
+
+def check_lower_right_causal(mask: torch.Tensor, start: int, end: int, where: str) -> None:
+    """Refuse a chunk mask that lets query ``start + j`` see a key after it.
+
+    Chunking is exact only because keys past the chunk are invisible to it; a mask that is not
+    causal (an encoder, a prefix-LM) would give wrong gradients, so this is checked every time.
+    """
+    query = torch.arange(start, end, device=mask.device)
+    future = torch.arange(end, device=mask.device)[None, :] > query[:, None]
+    if mask.dtype == torch.bool:
+        visible = mask & future
+    else:
+        visible = (mask > torch.finfo(mask.dtype).min / 2) & future
+    if bool(visible.any()):
+        raise RuntimeError(
+            f"streambp: the attention mask of {where} lets a query see later keys (not causal); "
+            "this model cannot be chunked along the sequence"
+        )
+
+
+@contextlib.contextmanager
+def _autograd_in_kernel():
+    """Autograd inside a custom-op kernel, where the dispatcher has switched it off."""
+    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False), \
+            torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.ADInplaceOrView, False), \
+            torch.enable_grad():
+        yield
+
+
+def layer_forward(plan: LayerPlan, tensors: Sequence[torch.Tensor], ints: Sequence[int]) -> torch.Tensor:
+    values, mask_values = plan.unpack(tensors, ints)
+    plan.check_dropout(values)
+    like = tensors[plan.output_like]
+    full = like.shape[plan.output_seq_dim]
+    with torch.no_grad():
+        key, value = plan.kv_graph(*values)
+        out = torch.empty_like(like)
+        for start, end in plan.chunks(full):
+            chunk = plan.query_graph(*plan.query_args(values, mask_values, key, value, start, end, full))
+            out.narrow(plan.output_seq_dim, start, end - start).copy_(chunk)
+    return out
+
+
+def layer_backward(
+    plan: LayerPlan,
+    tensors: Sequence[torch.Tensor],
+    ints: Sequence[int],
+    grad_output: torch.Tensor,
+    needs_grad: Sequence[bool],
+) -> list[torch.Tensor]:
+    values, mask_values = plan.unpack(tensors, ints)
+    full = tensors[plan.output_like].shape[plan.output_seq_dim]
+    grads: list[Optional[torch.Tensor]] = [None] * len(tensors)
+    # Layer inputs that receive gradients, by position in the layer's argument list.
+    wanted = [
+        i for i, ref in enumerate(plan.layer_inputs)
+        if ref.kind == "tensor" and needs_grad[ref.index]
+    ]
+
+    def accumulate(i: int, grad: Optional[torch.Tensor], start=None, end=None):
+        if grad is None:
+            return
+        index = plan.layer_inputs[i].index
+        if grads[index] is None:
+            grads[index] = torch.zeros_like(tensors[index])
+        target = grads[index]
+        if start is not None:
+            target = target.narrow(plan.query_slice_dims[i], start, end - start)
+        target.add_(grad)
+
+    with _autograd_in_kernel():
+        with torch.no_grad():
+            key, value = plan.kv_graph(*values)
+        grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
+        whole_leaves = {
+            i: values[i].detach().requires_grad_() for i in wanted if plan.query_slice_dims[i] is None
+        }
+        for start, end in plan.chunks(full):
+            args = plan.query_args(values, mask_values, key, value, start, end, full)
+            leaves = {}
+            for i in wanted:
+                if i in whole_leaves:
+                    leaves[i] = whole_leaves[i]
+                else:
+                    leaves[i] = args[i].detach().requires_grad_()
+                args[i] = leaves[i]
+            n = len(values)
+            key_prefix = args[n] = args[n].detach().requires_grad_()
+            value_prefix = args[n + 1] = args[n + 1].detach().requires_grad_()
+            chunk_out = plan.query_graph(*args)
+            inputs = [key_prefix, value_prefix, *leaves.values()]
+            chunk_grads = torch.autograd.grad(
+                chunk_out,
+                inputs,
+                grad_output.narrow(plan.output_seq_dim, start, end - start),
+                allow_unused=True,
+            )
+            for target, grad in ((grad_key, chunk_grads[0]), (grad_value, chunk_grads[1])):
+                if grad is not None:
+                    target.narrow(plan.kv_seq_dim, 0, end).add_(grad)
+            for i, grad in zip(leaves, chunk_grads[2:]):
+                if i in whole_leaves:
+                    accumulate(i, grad)
+                else:
+                    accumulate(i, grad, start, end)
+            del chunk_out, chunk_grads, args, leaves
+        # The prefix contributions: dK/dV through the K/V projections, once per layer.
+        kv_leaves = {i: values[i].detach().requires_grad_() for i in wanted}
+        kv_args = [kv_leaves.get(i, v) for i, v in enumerate(values)]
+        key, value = plan.kv_graph(*kv_args)
+        kv_grads = torch.autograd.grad(
+            (key, value), list(kv_leaves.values()), (grad_key, grad_value), allow_unused=True
+        )
+        for i, grad in zip(kv_leaves, kv_grads):
+            accumulate(i, grad)
+    return [g if g is not None else t.new_zeros(()) for g, t in zip(grads, tensors)]
+
+
+# -- the custom ops ---------------------------------------------------------------------------
+
+@torch.library.custom_op("streambp::layer", mutates_args=())
+def layer_op(plan_id: int, tensors: list[torch.Tensor], ints: list[int]) -> torch.Tensor:
+    return layer_forward(PLANS[plan_id], tensors, ints)
+
+
+@layer_op.register_fake
+def _layer_fake(plan_id, tensors, ints):
+    return torch.empty_like(tensors[PLANS[plan_id].output_like])
+
+
+@torch.library.custom_op("streambp::layer_backward", mutates_args=())
+def layer_backward_op(
+    plan_id: int,
+    tensors: list[torch.Tensor],
+    ints: list[int],
+    grad_output: torch.Tensor,
+    needs_grad: list[bool],
+) -> list[torch.Tensor]:
+    return layer_backward(PLANS[plan_id], tensors, ints, grad_output, needs_grad)
+
+
+@layer_backward_op.register_fake
+def _layer_backward_fake(plan_id, tensors, ints, grad_output, needs_grad):
+    return [torch.empty_like(t) if need else t.new_zeros(()) for t, need in zip(tensors, needs_grad)]
+
+
+def _setup_context(ctx, inputs, output):
+    plan_id, tensors, ints = inputs
+    ctx.plan_id = plan_id
+    ctx.ints = ints
+    ctx.needs_grad = [t.requires_grad and (t.is_floating_point() or t.is_complex()) for t in tensors]
+    ctx.save_for_backward(*tensors)
+
+
+def _backward(ctx, grad_output):
+    tensors = list(ctx.saved_tensors)
+    grads = torch.ops.streambp.layer_backward(ctx.plan_id, tensors, ctx.ints, grad_output, ctx.needs_grad)
+    return None, [g if need else None for g, need in zip(grads, ctx.needs_grad)], [None] * len(ctx.ints)
+
+
+layer_op.register_autograd(_backward, setup_context=_setup_context)
