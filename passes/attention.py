@@ -21,8 +21,8 @@ from .errors import CannotChunk, Reason
 from .seq_dims import op_name, shape_of
 
 # Ops allowed between the score matmul and the softmax, and between softmax and the value matmul.
-_SCORE_CHAIN = {"mul", "truediv", "div", "add", "sub", "to", "float", "type_as", "tanh", "where", "masked_fill", "contiguous"}
-_PROB_CHAIN = {"to", "float", "type_as", "dropout", "contiguous"}
+_SCORE_CHAIN = {"mul", "truediv", "div", "add", "sub", "to", "float", "type", "type_as", "tanh", "where", "masked_fill", "contiguous"}
+_PROB_CHAIN = {"to", "float", "type", "type_as", "dropout", "contiguous"}
 
 
 @dataclasses.dataclass

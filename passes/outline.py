@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from sbp_compiler.report import GraphReport, LayerDecision
-from sbp_compiler.runtime import InputRef, LayerPlan, register_plan
+from sbp_compiler.runtime import InputRef, LayerPlan, NotCausalError, register_plan
 
 from .errors import CannotChunk, Reason
 from .find_layers import LayerRegion, extract_subgraph, find_layer_regions, region_of
@@ -48,7 +48,8 @@ def sequence_labels(gm: fx.GraphModule, example_inputs, is_seq_sized) -> dict:
             return [to_s(l) for l in labels]
         return labels
 
-    return {node: to_s(labels) for node, labels in source_labels.items()}, source_labels
+    labels = {node: to_s(labels) for node, labels in source_labels.items()}
+    return labels, analysis.unknown_causes
 
 
 def _sequence_length(regions: list[LayerRegion]):
@@ -86,7 +87,11 @@ def _probe(plan: LayerPlan, region: LayerRegion, mask_inputs: list, split: Layer
         if end <= start:
             continue
         with torch.no_grad():
-            chunk = plan.query_graph(*plan.query_args(values, mask_values, key, value, start, end, full))
+            try:
+                args = plan.query_args(values, mask_values, key, value, start, end, full)
+            except NotCausalError as error:
+                raise CannotChunk(Reason.NOT_CAUSAL, str(error)) from None
+            chunk = plan.query_graph(*args)
         expected = list(out_shape)
         expected[plan.output_seq_dim] = end - start
         if list(chunk.shape) != expected:
@@ -109,7 +114,7 @@ def outline_layers(
     if not dynamic and seq_len < 2:
         raise CannotChunk(Reason.SHORT_SEQUENCE, f"static length {seq_len}")
     is_seq_sized = seq_sized_predicate(seq_len)
-    labels, source_labels = sequence_labels(gm, example_inputs, is_seq_sized)
+    labels, unknown_causes = sequence_labels(gm, example_inputs, is_seq_sized)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     real = dict(zip(placeholders, example_inputs))
     full = size_hint(seq_len)
@@ -120,7 +125,7 @@ def outline_layers(
         decision = LayerDecision(path=region.path, chunked=False)
         report.layers.append(decision)
         try:
-            split = _outline_one(gm, region, labels, is_seq_sized, dynamic, builders, chunk_size, decision,
+            split = _outline_one(gm, region, labels, unknown_causes, is_seq_sized, dynamic, builders, chunk_size, decision,
                                  wrap_subgraph, real, full)
             results.append((decision, split))
         except CannotChunk as refusal:
@@ -133,13 +138,16 @@ def outline_layers(
     return results
 
 
-def _outline_one(gm, region, labels, is_seq_sized, dynamic, builders, chunk_size, decision, wrap_subgraph, real, full):
+def _outline_one(gm, region, labels, unknown_causes, is_seq_sized, dynamic, builders, chunk_size, decision, wrap_subgraph, real, full):
     region = region_of(region.path, region.nodes)
     if len(region.outputs) != 1:
         raise CannotChunk(Reason.LAYER_OUTPUTS, f"{len(region.outputs)} values leave the layer")
     output = region.outputs[0]
     layer_gm = extract_subgraph(region.inputs, region.nodes, region.outputs)
     input_labels = [labels.get(n, UNKNOWN) for n in region.inputs]
+    for node, node_labels in zip(region.inputs, input_labels):
+        if node_labels == UNKNOWN:
+            raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{node.name}: {unknown_causes.get(node, 'no labels')}")
     split = split_layer(layer_gm, input_labels, is_seq_sized, dynamic)
 
     mask_node = region.inputs[split.mask_input] if split.mask_input is not None else None

@@ -103,6 +103,7 @@ class SeqDimAnalysis:
         self.refuse_unexplained = refuse_unexplained
         self.lenient = lenient
         self.labels: dict[fx.Node, object] = {}
+        self.unknown_causes: dict[fx.Node, str] = {}  # lenient mode: why a node is UNKNOWN
 
     # -- public -----------------------------------------------------------------------------
     def run(self, nodes: Sequence[fx.Node], initial: dict[fx.Node, object]) -> dict[fx.Node, object]:
@@ -111,14 +112,25 @@ class SeqDimAnalysis:
             if node in self.labels or node.op == "output":
                 continue
             try:
-                labels = self._rule(node)
-                labels = self._check_unexplained_seq_dims(node, labels)
-            except CannotChunk:
+                try:
+                    labels = self._rule(node)
+                    labels = self._check_unexplained_seq_dims(node, labels)
+                except (TypeError, ValueError, IndexError, KeyError, AttributeError) as error:
+                    # A call form a rule does not expect: refuse rather than guess.
+                    raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: {op_name(node)}: {error!r}") from None
+            except CannotChunk as refusal:
                 if not self.lenient:
                     raise
                 labels = UNKNOWN
+                self.unknown_causes[node] = self._root_cause(node, refusal)
             self.labels[node] = labels
         return self.labels
+
+    def _root_cause(self, node, refusal) -> str:
+        for arg in node.all_input_nodes:
+            if arg in self.unknown_causes:
+                return self.unknown_causes[arg]
+        return str(refusal)
 
     def of(self, value):
         """Labels of an argument: a node's labels, or ``None`` for constants."""
@@ -207,6 +219,12 @@ class SeqDimAnalysis:
         if name in CREATION:
             return self._default_labels(node)
         raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: no sequence-dimension rule for {name!r}")
+
+    @staticmethod
+    def _arg(node, position, name, default=None):
+        if len(node.args) > position:
+            return node.args[position]
+        return node.kwargs.get(name, default)
 
     def _dim_arg(self, node, position, default=None):
         if len(node.args) > position:
@@ -421,6 +439,15 @@ class SeqDimAnalysis:
                 if label is not None:
                     out[pos] = self._merge(out[pos], label, node)
         return out
+
+    def _rule_gather(self, node):
+        source = self.of(self._arg(node, 0, "input"))
+        index = self.of(self._arg(node, 2, "index"))
+        dim = _normalise_dim(self._arg(node, 1, "dim"), len(source))
+        self._mix(node, source[dim], "gathers")
+        return tuple(
+            self._merge(None if i == dim else source[i], index[i], node) for i in range(len(index))
+        )
 
     def _rule_split(self, node):
         labels = self.of(node.args[0])

@@ -102,6 +102,10 @@ def register_plan(plan: LayerPlan) -> int:
     return plan_id
 
 
+class NotCausalError(RuntimeError):
+    """A chunk mask lets a query see a later key: chunking would change the result."""
+
+
 def check_lower_right_causal(mask: torch.Tensor, start: int, end: int, where: str) -> None:
     """Refuse a chunk mask that lets query ``start + j`` see a key after it.
 
@@ -115,7 +119,7 @@ def check_lower_right_causal(mask: torch.Tensor, start: int, end: int, where: st
     else:
         visible = (mask > torch.finfo(mask.dtype).min / 2) & future
     if bool(visible.any()):
-        raise RuntimeError(
+        raise NotCausalError(
             f"streambp: the attention mask of {where} lets a query see later keys (not causal); "
             "this model cannot be chunked along the sequence"
         )
@@ -258,7 +262,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_output):
     tensors = list(ctx.saved_tensors)
     grads = torch.ops.streambp.layer_backward(ctx.plan_id, tensors, ctx.ints, grad_output, ctx.needs_grad)
-    return None, [g if need else None for g, need in zip(grads, ctx.needs_grad)], [None] * len(ctx.ints)
+    # torch.library treats a non-empty int list as one leaf (grad None) but an empty one as a list.
+    ints_grad = None if ctx.ints else []
+    return None, [g if need else None for g, need in zip(grads, ctx.needs_grad)], ints_grad
 
 
 layer_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,100 @@
+"""Small Hugging Face causal decoders built from configs (random weights, no download), and the
+helpers the exactness tests share."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB = 96
+
+# Small configs in each model family's own field names; dropout off (it cannot be replayed).
+ARCHITECTURES = {
+    "llama": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "mistral": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, sliding_window=4),
+    "qwen2": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "qwen3": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, attn_pdrop=0.0, resid_pdrop=0.0,
+                 embd_pdrop=0.0),
+}
+
+
+def build_model(arch: str, dtype=torch.float64, attn_implementation="sdpa", seed=0, **overrides):
+    torch.manual_seed(seed)
+    fields = dict(ARCHITECTURES[arch], vocab_size=VOCAB, **overrides)
+    config = AutoConfig.for_model(arch, **fields)
+    config._attn_implementation = attn_implementation
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    if hasattr(model, "loss_type"):
+        model.loss_type = "ForCausalLM"  # avoids a graph break on a one-time warning (DESIGN §2)
+    model.train()
+    return model
+
+
+class ExactRMSNorm(nn.Module):
+    """RMSNorm computed in the input dtype: HF upcasts to float32 even in a float64 model."""
+
+    def __init__(self, weight: nn.Parameter, eps: float, unit_offset: bool):
+        super().__init__()
+        self.weight, self.eps, self.unit_offset = weight, eps, unit_offset
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * (1.0 + self.weight if self.unit_offset else self.weight)
+
+
+def _rms_norm_variant(module: nn.Module):
+    """(eps, unit_offset) of an RMSNorm module, told apart by what it computes."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+    x = torch.randn(3, module.weight.shape[-1], dtype=module.weight.dtype)
+    with torch.no_grad():
+        reference = module(x)
+        for unit_offset in (False, True):
+            if torch.allclose(ExactRMSNorm(module.weight, eps, unit_offset)(x), reference, rtol=1e-5, atol=1e-6):
+                return eps, unit_offset
+    raise AssertionError(f"unrecognised RMSNorm {type(module).__name__}")
+
+
+def float64_throughout(model: nn.Module) -> nn.Module:
+    """Replace this model's RMSNorms by ones that stay in float64 (test-local, no global patch)."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child).__name__.endswith("RMSNorm"):
+                eps, unit_offset = _rms_norm_variant(child)
+                setattr(module, child_name, ExactRMSNorm(child.weight, eps, unit_offset))
+    return model
+
+
+def batch(length: int, batch_size: int = 2, pad: int = 0, seed: int = 1):
+    """input_ids, right-padded attention_mask (last ``pad`` tokens of the last row), labels with -100."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch_size, length), generator=g)
+    mask = torch.ones(batch_size, length, dtype=torch.long)
+    labels = ids.clone()
+    labels[:, : max(1, length // 4)] = -100  # a masked prompt
+    if pad:
+        mask[-1, length - pad:] = 0
+        labels[-1, length - pad:] = -100
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+
+
+def loss_and_grads(model, fn, inputs):
+    model.zero_grad(set_to_none=True)
+    loss = fn(**inputs).loss
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def max_relative_error(reference: dict, candidate: dict) -> float:
+    assert reference.keys() == candidate.keys(), set(reference) ^ set(candidate)
+    worst = 0.0
+    for name, ref in reference.items():
+        scale = ref.abs().max().clamp_min(torch.finfo(ref.dtype).tiny)
+        worst = max(worst, ((candidate[name] - ref).abs().max() / scale).item())
+    return worst

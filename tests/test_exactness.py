@@ -1,0 +1,101 @@
+"""Gradients of every parameter and the loss equal eager autograd's, on real HF architectures.
+
+float64 with the model in float64 throughout (HF RMSNorm upcasts to float32, see DESIGN §2):
+relative error <= 1e-10; float32: <= 1e-5.
+"""
+import pytest
+import torch
+
+import sbp_compiler
+from models import ARCHITECTURES, batch, build_model, float64_throughout, loss_and_grads, max_relative_error
+
+FLOAT64_TOLERANCE = 1e-10
+FLOAT32_TOLERANCE = 1e-5
+
+
+def assert_exact(model, compiled, inputs, tolerance):
+    ref_loss, ref_grads = loss_and_grads(model, model, inputs)
+    loss, grads = loss_and_grads(model, compiled, inputs)
+    assert torch.allclose(loss, ref_loss, rtol=tolerance, atol=0), (loss, ref_loss)
+    error = max_relative_error(ref_grads, grads)
+    assert error <= tolerance, f"max relative gradient error {error:.3e}"
+
+
+def compiled_frames() -> int:
+    """Frames Dynamo compiled successfully (a restart inside one compilation does not count)."""
+    return torch._dynamo.utils.counters["frames"]["ok"]
+
+
+def assert_all_layers_chunked(report):
+    assert report.fallback is None, report
+    assert report.layers and all(layer.chunked for layer in report.layers), report
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_float64_lengths_padding_and_recompilation(arch):
+    """Default torch.compile call: static first length, then at most one recompilation for any
+    number of further lengths; batch 2 with right padding and -100 labels throughout."""
+    model = float64_throughout(build_model(arch))
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4})
+    # 13: not a multiple of the chunk; 7 and 21: new lengths; 3: chunk >= length.
+    for length in (13, 7, 21, 3):
+        assert_exact(model, compiled, batch(length, pad=3 if length > 4 else 0), FLOAT64_TOLERANCE)
+        assert_all_layers_chunked(sbp_compiler.last_report())
+    assert compiled_frames() <= 2, "more than one recompilation for new lengths"
+    assert sbp_compiler.last_report().dynamic
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_float64_chunk_of_one_token(arch):
+    model = float64_throughout(build_model(arch))
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 1})
+    assert_exact(model, compiled, batch(6, pad=2), FLOAT64_TOLERANCE)
+    assert_all_layers_chunked(sbp_compiler.last_report())
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_float32(arch):
+    model = build_model(arch, dtype=torch.float32)
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 5})
+    assert_exact(model, compiled, batch(17, pad=4), FLOAT32_TOLERANCE)
+    assert_all_layers_chunked(sbp_compiler.last_report())
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
+def test_eager_attention_float32(arch):
+    """Eager attention (matmul-softmax-matmul) is recognised too. It runs its softmax in float32
+    even in a float64 model, so it is checked at the float32 tolerance."""
+    model = build_model(arch, dtype=torch.float32, attn_implementation="eager")
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4})
+    assert_exact(model, compiled, batch(15, pad=3), FLOAT32_TOLERANCE)
+    report = sbp_compiler.last_report()
+    assert_all_layers_chunked(report)
+    assert {layer.attention for layer in report.layers} == {"eager"}
+
+
+def test_dynamic_from_the_start():
+    model = float64_throughout(build_model("qwen3"))
+    compiled = torch.compile(model, backend="streambp", dynamic=True, options={"chunk_size": 4})
+    for length in (9, 16, 5):
+        assert_exact(model, compiled, batch(length, pad=2), FLOAT64_TOLERANCE)
+    assert compiled_frames() == 1
+    report = sbp_compiler.last_report()
+    assert report.dynamic and report.sequence_length.startswith("s")
+
+
+def test_sliding_window_shorter_than_chunk_and_sequence():
+    """Mistral's window (4) cuts through chunks (3) and the sequence (22): the mask is rebuilt
+    per chunk from the window comparison, not sliced from a whole mask."""
+    model = float64_throughout(build_model("mistral", sliding_window=4))
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 3})
+    assert_exact(model, compiled, batch(22, pad=5), FLOAT64_TOLERANCE)
+    assert_all_layers_chunked(sbp_compiler.last_report())
+
+
+def test_without_attention_mask_argument():
+    model = float64_throughout(build_model("llama"))
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4})
+    inputs = batch(11)
+    del inputs["attention_mask"]
+    assert_exact(model, compiled, inputs, FLOAT64_TOLERANCE)
+    assert_all_layers_chunked(sbp_compiler.last_report())
