@@ -91,7 +91,10 @@ def _probe(plan: LayerPlan, region: LayerRegion, mask_inputs: list, split: Layer
                 args = plan.query_args(values, mask_values, key, value, start, end, full)
             except NotCausalError as error:
                 raise CannotChunk(Reason.NOT_CAUSAL, str(error)) from None
-            chunk = plan.query_graph(*args)
+            try:
+                chunk = plan.query_graph(*args)
+            except Exception as error:  # any failure here would be a failure at training time
+                raise CannotChunk(Reason.SHAPE_PROBE, f"chunk [{start}, {end}): {error!r}"[:500]) from None
         expected = list(out_shape)
         expected[plan.output_seq_dim] = end - start
         if list(chunk.shape) != expected:
@@ -171,7 +174,7 @@ def _outline_one(gm, region, labels, unknown_causes, is_seq_sized, dynamic, buil
             return InputRef("int", len(ints) - 1)
         raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{node.name} is a {type(value).__name__}")
 
-    layer_refs = [ref(n) if n is not mask_node else InputRef("tensor", -1) for n in region.inputs]
+    layer_refs = [ref(n) if n is not mask_node else InputRef("mask", -1) for n in region.inputs]
     mask_refs = [ref(n) for n in builder.inputs] if builder else []
     out_value = example(output)
     like = [

@@ -440,6 +440,12 @@ class SeqDimAnalysis:
                     out[pos] = self._merge(out[pos], label, node)
         return out
 
+    def _rule_diff(self, node):
+        labels = self.of(node.args[0])
+        dim = _normalise_dim(self._arg(node, 2, "dim", -1), len(labels))
+        self._mix(node, labels[dim], "differences")
+        return labels
+
     def _rule_gather(self, node):
         source = self.of(self._arg(node, 0, "input"))
         index = self.of(self._arg(node, 2, "index"))

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class InputRef:
     """Where a layer (or mask builder) input comes from in the op's ``tensors``/``ints`` lists."""
 
-    kind: str  # "tensor" or "int"
+    kind: str  # "tensor", "int", or "mask" (rebuilt per chunk, not an argument of the op)
     index: int
 
 
@@ -53,6 +53,8 @@ class LayerPlan:
 
     def unpack(self, tensors, ints):
         def pick(ref: InputRef):
+            if ref.kind == "mask":
+                return None
             return tensors[ref.index] if ref.kind == "tensor" else ints[ref.index]
 
         return [pick(r) for r in self.layer_inputs], [pick(r) for r in self.mask_inputs]
