@@ -1,0 +1,106 @@
+"""What the passes cannot prove chunkable runs with ordinary autograd, with a recorded reason,
+and its gradients stay exact."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertForMaskedLM
+
+import sbp_compiler
+from models import VOCAB, batch, build_model, loss_and_grads, max_relative_error
+from passes.errors import Reason
+
+
+class Block(nn.Module):
+    """A causal block that is no Hugging Face model: detection must not depend on names."""
+
+    def __init__(self, width=32, heads=4, mixing=False):
+        super().__init__()
+        self.heads, self.mixing = heads, mixing
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(attended.transpose(1, 2).reshape(b, t, d))
+        if self.mixing:
+            x = x + 0.1 * torch.cumsum(x, dim=1)  # a sequence-mixing op that is not attention
+        return x
+
+
+class TinyDecoder(nn.Module):
+    def __init__(self, mixing=False):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.blocks = nn.ModuleList([Block(mixing=mixing) for _ in range(2)])
+        self.head = nn.Linear(32, VOCAB)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def tiny_grads(model, fn, ids):
+    model.zero_grad(set_to_none=True)
+    fn(ids).pow(2).mean().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mixing", [False, True])
+def test_custom_decoder_chunked_or_refused_by_its_ops(mixing):
+    torch.manual_seed(0)
+    model = TinyDecoder(mixing).double()
+    ids = torch.randint(0, VOCAB, (2, 11))
+    reference = tiny_grads(model, model, ids)
+    grads = tiny_grads(model, torch.compile(model, backend="streambp", options={"chunk_size": 3}), ids)
+    assert max_relative_error(reference, grads) <= 1e-10
+    report = sbp_compiler.last_report()
+    assert len(report.layers) == 2
+    if mixing:
+        assert all(not layer.chunked for layer in report.layers)
+        assert set(report.reasons) == {Reason.SEQUENCE_MIXING}
+        assert "cumsum" in report.layers[0].detail
+    else:
+        assert all(layer.chunked for layer in report.layers)
+        assert report.layers[0].mask.startswith("lower-right causal")
+
+
+def test_bidirectional_encoder_is_left_unchunked():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForMaskedLM(config).double().train()
+    inputs = batch(10, pad=2)
+    del inputs["use_cache"]
+    reference_loss, reference = loss_and_grads(model, model, inputs)
+    loss, grads = loss_and_grads(model, torch.compile(model, backend="streambp", options={"chunk_size": 4}), inputs)
+    assert max_relative_error(reference, grads) <= 1e-10
+    report = sbp_compiler.last_report()
+    assert report.layers and not report.chunked_layers
+    assert set(report.reasons) == {Reason.NOT_CAUSAL}
+
+
+def test_attention_dropout_is_refused():
+    model = build_model("llama", attention_dropout=0.1)
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4})
+    loss_and_grads(model, compiled, batch(9))
+    report = sbp_compiler.last_report()
+    assert report.layers and not report.chunked_layers
+    assert set(report.reasons) == {Reason.DROPOUT}
+
+
+def test_eval_mode_dropout_is_chunked():
+    """Attention dropout is off in eval mode (HF passes p=0), so the layers chunk."""
+    model = build_model("llama", attention_dropout=0.1).eval()
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4})
+    inputs = batch(9)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        got = compiled(**inputs).logits
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+    assert len(sbp_compiler.last_report().chunked_layers) == 2

@@ -1,0 +1,77 @@
+"""Options, the per-graph report, TORCH_LOGS and the debug directory."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import sbp_compiler
+from models import batch, build_model, loss_and_grads
+from sbp_compiler import StreamBPConfig
+
+
+def test_defaults():
+    config = StreamBPConfig.from_options(None)
+    assert config.chunk_size == 1024 and config.inner_compiler == "eager"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"chunk": 4}, "valid options are ['chunk_size', 'inner_compiler', 'debug_dir']"),
+    ({"chunk_size": 0}, "chunk_size must be a positive int"),
+    ({"chunk_size": "8"}, "chunk_size must be a positive int"),
+    ({"inner_compiler": "tvm"}, "inner_compiler must be one of ('eager', 'inductor')"),
+])
+def test_bad_options_are_clear_errors(options, message):
+    with pytest.raises(ValueError) as error:
+        StreamBPConfig.from_options(options)
+    assert message in str(error.value)
+
+
+def test_bad_option_through_torch_compile():
+    model = build_model("llama")
+    compiled = torch.compile(model, backend="streambp", options={"chunk_sizes": 4})
+    with pytest.raises(Exception, match="unknown streambp option"):
+        compiled(**batch(5))
+
+
+def test_report_and_debug_directory(tmp_path):
+    model = build_model("qwen3")
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4, "debug_dir": str(tmp_path)})
+    loss_and_grads(model, compiled, batch(9, pad=2))
+    report = sbp_compiler.last_report()
+    assert report.chunk_size == 4 and report.sequence_length == "9" and not report.dynamic
+    assert [layer.path for layer in report.layers] == ["model.layers.0", "model.layers.1"]
+    assert "2/2 layers chunked" in str(report)
+    files = sorted(os.listdir(tmp_path / f"graph_{report.graph_id:03d}"))
+    assert files[0] == "000_dynamo.py" and "report.txt" in files
+    for expected in ("model.layers.0.kv.py", "model.layers.0.query.py", "model.layers.0.mask.py",
+                     "streambp.py", "aot_forward.py", "aot_backward.py"):
+        assert any(name.endswith(expected) for name in files), (expected, files)
+    rewritten = (tmp_path / f"graph_{report.graph_id:03d}" / next(f for f in files if f.endswith("_streambp.py"))).read_text()
+    assert "torch.ops.streambp.layer.default" in rewritten
+    assert "scaled_dot_product_attention" not in rewritten  # the layers are gone from the outer graph
+
+
+def test_torch_logs_shows_report_and_graphs():
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, %r)
+        from models import batch, build_model
+        model = build_model("llama")
+        torch.compile(model, backend="streambp", options={"chunk_size": 4})(**batch(6)).loss.backward()
+    """ % os.path.dirname(__file__))
+    env = dict(os.environ, TORCH_LOGS="+sbp_compiler")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2/2 layers chunked" in result.stderr
+    assert "streambp model.layers.0.query" in result.stderr
+
+
+def test_backend_found_through_entry_point_without_import():
+    from importlib.metadata import entry_points
+
+    names = {ep.name: ep.value for ep in entry_points(group="torch_dynamo_backends")}
+    assert names.get("streambp") == "sbp_compiler.backend:streambp"
+    assert "streambp" in torch._dynamo.list_backends()
