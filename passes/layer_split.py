@@ -1,7 +1,8 @@
 """Split one decoder layer into a K/V graph and a query-chunk graph (DESIGN §1).
 
-- K/V graph: ``(*layer_inputs) -> (key, value)``, the ancestors of the attention's key and value
-  operands, run once per layer on the whole sequence.
+- K/V graph: ``(*layer_inputs, full_len, chunk_len) -> (key, value)``, the ancestors of the
+  attention's key and value operands; token-wise, so the runtime computes the whole sequence's
+  K/V once per layer chunk by chunk (and backpropagates dK/dV the same way).
 - Query-chunk graph: ``(*layer_inputs, key_prefix, value_prefix, [chunk_mask,] full_len, q_len,
   kv_len) -> output chunk``: the layer with the key/value operands replaced by the prefix computed
   once and the mask replaced by the chunk's mask. The runtime passes the sequence inputs sliced
@@ -140,8 +141,12 @@ def _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dyn
         if node in needed and node.op != "placeholder":
             env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output((env[attention.key], env[attention.value]))
-    kv_gm = fx.GraphModule(layer_gm, graph)
     new_placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(new_placeholders[-1]):
+        full_len = graph.placeholder("full_len")
+    with graph.inserting_after(full_len):
+        chunk_len = graph.placeholder("chunk_len")
+    kv_gm = fx.GraphModule(layer_gm, graph)
     analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, refuse_unexplained=dynamic)
     labels = analysis.run(list(graph.nodes), _initial(new_placeholders, input_labels, lambda i, l, _: l))
     key_labels, value_labels = labels[env[attention.key]], labels[env[attention.value]]
@@ -150,6 +155,8 @@ def _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dyn
     kv_seq_dim = key_labels.index("S") - len(key_labels)
     if value_labels.index("S") - len(value_labels) != kv_seq_dim or kv_seq_dim != -2:
         raise CannotChunk(Reason.NO_SEQUENCE_DIM, "key/value sequence dim is not dim -2")
+    # K/V are token-wise too: computed (and backpropagated) chunk by chunk, never whole.
+    rescale_shape_arguments(kv_gm, labels, {"S": (full_len, chunk_len)})
     return kv_gm, kv_seq_dim
 
 

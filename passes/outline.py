@@ -77,11 +77,17 @@ def _fabricate(node: fx.Node, real: dict):
 
 
 def _probe(plan: LayerPlan, region: LayerRegion, mask_inputs: list, split: LayerSplit, real: dict, full: int):
-    """Run the rewritten layer on two small real chunks: shapes and mask causality must hold."""
+    """Run the rewritten layer on small real chunks (random data where no example input exists):
+    shapes and mask causality must hold."""
     values = [_fabricate(n, real) for n in region.inputs]
     mask_values = [_fabricate(n, real) for n in mask_inputs]
-    key = torch.randn([size_hint(s) for s in example(split.attention.key).shape], dtype=example(split.attention.key).dtype)
-    value = torch.randn([size_hint(s) for s in example(split.attention.value).shape], dtype=example(split.attention.value).dtype)
+    try:
+        with torch.no_grad():
+            key, value = plan.key_value(values, full)
+    except Exception as error:
+        raise CannotChunk(Reason.SHAPE_PROBE, f"chunked K/V: {error!r}"[:500]) from None
+    if list(key.shape) != [size_hint(s) for s in example(split.attention.key).shape]:
+        raise CannotChunk(Reason.SHAPE_PROBE, f"chunked K/V gave shape {list(key.shape)}")
     out_shape = [size_hint(s) for s in example(region.outputs[0]).shape]
     for start, end in ((0, min(full, 2)), (1, min(full, 4)), (max(0, full - 3), full)):
         if end <= start:

@@ -8,7 +8,7 @@
 2. per query chunk ``[s, e)``: the query-chunk graph on the chunk's inputs and the key/value
    prefix ``[:e]`` as leaves, backpropagating the chunk's output gradient; this gives the chunk's
    input gradient, adds into dK/dV and into the weight gradients;
-3. dK/dV backpropagated through the K/V graph once.
+3. dK/dV backpropagated through the K/V graph once (chunk by chunk, as it is token-wise).
 
 Both ops are opaque to AOTAutograd, so the chunk loop is neither unrolled nor specialised to a
 length: one compiled graph serves every sequence length. Layers are identified by an integer
@@ -38,7 +38,7 @@ class InputRef:
 @dataclasses.dataclass
 class LayerPlan:
     name: str
-    kv_graph: Callable  # (*layer_inputs) -> (key, value)
+    kv_graph: Callable  # (*layer_inputs sliced to a chunk, full, chunk_len) -> (key, value) chunk
     query_graph: Callable  # (*layer_inputs, key_prefix, value_prefix, [mask,] full, q_len, kv_len)
     layer_inputs: list[InputRef]
     mask_inputs: list[InputRef]
@@ -72,11 +72,27 @@ class LayerPlan:
         check_lower_right_causal(mask, start, end, self.name)
         return mask
 
-    def query_args(self, values, mask_values, key, value, start, end, full):
-        args = [
+    def sliced(self, values, start, end):
+        """The layer inputs with every sequence input narrowed to ``[start, end)``."""
+        return [
             v if dim is None else v.narrow(dim, start, end - start)
             for v, dim in zip(values, self.query_slice_dims)
         ]
+
+    def key_value(self, values, full):
+        """K and V of the whole sequence, computed chunk by chunk (no [T, width] temporaries)."""
+        key = value = None
+        for start, end in self.chunks(full):
+            key_chunk, value_chunk = self.kv_graph(*self.sliced(values, start, end), full, end - start)
+            if key is None:
+                key = key_chunk.new_empty(_with_length(key_chunk.shape, self.kv_seq_dim, full))
+                value = value_chunk.new_empty(_with_length(value_chunk.shape, self.kv_seq_dim, full))
+            key.narrow(self.kv_seq_dim, start, end - start).copy_(key_chunk)
+            value.narrow(self.kv_seq_dim, start, end - start).copy_(value_chunk)
+        return key, value
+
+    def query_args(self, values, mask_values, key, value, start, end, full):
+        args = self.sliced(values, start, end)
         mask = self.chunk_mask(mask_values, start, end, full, key.device)
         if self.mask_input is not None:
             args[self.mask_input] = mask
@@ -92,6 +108,12 @@ class LayerPlan:
                     f"streambp: {self.name} runs dropout with p={float(values[index])} but was compiled "
                     "for p=0; recompile (torch._dynamo.reset()) so that it runs unchunked"
                 )
+
+
+def _with_length(shape, dim, length):
+    shape = list(shape)
+    shape[dim] = length
+    return shape
 
 
 PLANS: dict[int, LayerPlan] = {}
@@ -114,12 +136,15 @@ def check_lower_right_causal(mask: torch.Tensor, start: int, end: int, where: st
     Chunking is exact only because keys past the chunk are invisible to it; a mask that is not
     causal (an encoder, a prefix-LM) would give wrong gradients, so this is checked every time.
     """
-    query = torch.arange(start, end, device=mask.device)
-    future = torch.arange(end, device=mask.device)[None, :] > query[:, None]
-    if mask.dtype == torch.bool:
-        visible = mask & future
+    # Only the diagonal block [start, end) x [start, end) holds keys later than some query of
+    # the chunk: checking it costs chunk^2, not chunk x prefix.
+    block = mask.narrow(-1, start, end - start)
+    query = torch.arange(end - start, device=mask.device)
+    future = query[None, :] > query[:, None]
+    if block.dtype == torch.bool:
+        visible = block & future
     else:
-        visible = (mask > torch.finfo(mask.dtype).min / 2) & future
+        visible = (block > torch.finfo(block.dtype).min / 2) & future
     if bool(visible.any()):
         raise NotCausalError(
             f"streambp: the attention mask of {where} lets a query see later keys (not causal); "
@@ -142,7 +167,7 @@ def layer_forward(plan: LayerPlan, tensors: Sequence[torch.Tensor], ints: Sequen
     like = tensors[plan.output_like]
     full = like.shape[plan.output_seq_dim]
     with torch.no_grad():
-        key, value = plan.kv_graph(*values)
+        key, value = plan.key_value(values, full)
         out = torch.empty_like(like)
         for start, end in plan.chunks(full):
             chunk = plan.query_graph(*plan.query_args(values, mask_values, key, value, start, end, full))
@@ -179,7 +204,7 @@ def layer_backward(
 
     with _autograd_in_kernel():
         with torch.no_grad():
-            key, value = plan.kv_graph(*values)
+            key, value = plan.key_value(values, full)
         grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
         whole_leaves = {
             i: values[i].detach().requires_grad_() for i in wanted if plan.query_slice_dims[i] is None
@@ -213,15 +238,28 @@ def layer_backward(
                 else:
                     accumulate(i, grad, start, end)
             del chunk_out, chunk_grads, args, leaves
-        # The prefix contributions: dK/dV through the K/V projections, once per layer.
-        kv_leaves = {i: values[i].detach().requires_grad_() for i in wanted}
-        kv_args = [kv_leaves.get(i, v) for i, v in enumerate(values)]
-        key, value = plan.kv_graph(*kv_args)
-        kv_grads = torch.autograd.grad(
-            (key, value), list(kv_leaves.values()), (grad_key, grad_value), allow_unused=True
-        )
-        for i, grad in zip(kv_leaves, kv_grads):
-            accumulate(i, grad)
+        # The prefix contributions: dK/dV through the K/V projections, once per layer (chunk
+        # by chunk: the K/V computation is token-wise).
+        del key, value
+        whole_leaves = {i: values[i].detach().requires_grad_() for i in wanted if plan.query_slice_dims[i] is None}
+        for start, end in plan.chunks(full):
+            args = plan.sliced(values, start, end)
+            leaves = {i: whole_leaves[i] if i in whole_leaves else args[i].detach().requires_grad_() for i in wanted}
+            for i, leaf in leaves.items():
+                args[i] = leaf
+            key_chunk, value_chunk = plan.kv_graph(*args, full, end - start)
+            kv_grads = torch.autograd.grad(
+                (key_chunk, value_chunk),
+                list(leaves.values()),
+                (grad_key.narrow(plan.kv_seq_dim, start, end - start),
+                 grad_value.narrow(plan.kv_seq_dim, start, end - start)),
+                allow_unused=True,
+            )
+            for i, grad in zip(leaves, kv_grads):
+                if i in whole_leaves:
+                    accumulate(i, grad)
+                else:
+                    accumulate(i, grad, start, end)
     return [g if g is not None else t.new_zeros(()) for g, t in zip(grads, tensors)]
 
 
