@@ -68,10 +68,10 @@ def _inner_compile(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, ex
 
 
 def _subgraph_runner(config: StreamBPConfig, dump: _Dumper) -> Callable[[str, fx.GraphModule], Callable]:
+    # The chunk subgraphs run eagerly inside the custom-op kernels for now: torch.compile
+    # cannot trace from there (it finds no frame), so Inductor applies to the outer graph only.
     def wrap(name: str, gm: fx.GraphModule) -> Callable:
         dump(name, gm)
-        if config.inner_compiler == "inductor":
-            return torch.compile(gm, backend="inductor", dynamic=True, fullgraph=True)
         return gm
 
     return wrap

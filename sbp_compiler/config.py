@@ -16,6 +16,7 @@ class StreamBPConfig:
                     working set small next to the O(T) saved layer inputs at long lengths.
     inner_compiler: "eager" runs the non-layer graph through AOTAutograd without code
                     generation (exact, no compile time); "inductor" generates code for it.
+                    The chunk subgraphs run eagerly in both cases (for now).
     debug_dir:      if set, every graph after every pass is written there as readable Python
                     (NNN_<name>.py), plus ``report.txt``. Defaults to $STREAMBP_DEBUG_DIR.
     """
