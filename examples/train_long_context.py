@@ -66,27 +66,35 @@ def parse_args(argv):
         "model", "The size flags default to the built-in model; --config replaces them."
     )
     model.add_argument(
-        "--config", type=Path, metavar="PATH", help="a transformers config.json (Llama if it names no model_type)"
+        "--config",
+        type=Path,
+        metavar="PATH",
+        help="a transformers config.json (Llama if it names no model_type)",
     )
     size_flags = [
-        ("--hidden-size", "hidden_size"),
-        ("--layers", "num_hidden_layers"),
-        ("--heads", "num_attention_heads"),
-        ("--kv-heads", "num_key_value_heads"),
-        ("--intermediate-size", "intermediate_size"),
+        ("--hidden-size", "hidden_size", "model width"),
+        ("--layers", "num_hidden_layers", "decoder layers"),
+        ("--heads", "num_attention_heads", "attention heads"),
+        ("--kv-heads", "num_key_value_heads", "key/value heads (grouped-query attention)"),
+        ("--intermediate-size", "intermediate_size", "MLP width"),
     ]
-    for flag, key in size_flags:
-        model.add_argument(flag, dest=key, type=int, help=f"(default: {DEFAULT_MODEL_SIZES[key]})")
+    for flag, key, meaning in size_flags:
+        model.add_argument(
+            flag, dest=key, type=int, metavar="N", help=f"{meaning} (default: {DEFAULT_MODEL_SIZES[key]})"
+        )
 
     training = parser.add_argument_group("training")
-    training.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence (default: %(default)s)")
-    training.add_argument("--batch-size", type=int, default=1, help="(default: %(default)s)")
-    training.add_argument("--steps", type=int, default=30, help="(default: %(default)s)")
+    for flag, default, meaning in [
+        ("--seq-len", 8192, "tokens per sequence"),
+        ("--batch-size", 1, "sequences per step"),
+        ("--steps", 30, "training steps"),
+        ("--chunk-size", 1024, "streambp chunk length in tokens"),
+        ("--seed", 0, "seed of the weights and the data"),
+    ]:
+        training.add_argument(
+            flag, type=int, metavar="N", default=default, help=f"{meaning} (default: %(default)s)"
+        )
     training.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: %(default)s)")
-    training.add_argument(
-        "--chunk-size", type=int, default=1024, help="streambp chunk length in tokens (default: %(default)s)"
-    )
-    training.add_argument("--seed", type=int, default=0, help="seed of the weights and data (default: %(default)s)")
 
     compare = parser.add_argument_group("comparison")
     compare.add_argument("--skip-compare", action="store_true", help="only train")
@@ -99,16 +107,28 @@ def parse_args(argv):
         help="sequence lengths of the memory plot (default: %(default)s)",
     )
     compare.add_argument(
-        "--repeats", type=int, default=3, help="timed steps per method; the median is shown (default: %(default)s)"
+        "--repeats",
+        type=int,
+        metavar="N",
+        default=3,
+        help="timed steps per method, of which the median is shown (default: %(default)s)",
     )
-    compare.add_argument("--plot", type=Path, default=Path("streambp_memory.png"), help="(default: %(default)s)")
+    compare.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PATH",
+        default=Path("streambp_memory.png"),
+        help="PNG file of the memory plot (default: %(default)s)",
+    )
 
-    parser.add_argument("--quiet", action="store_true", help="print only the results: no progress or setup details")
+    parser.add_argument(
+        "--quiet", action="store_true", help="print only the results, without progress or setup details"
+    )
     # For developing this script without the streambp backend (e.g. --backend aot_eager).
     parser.add_argument("--backend", default="streambp", help=argparse.SUPPRESS)
 
     args = parser.parse_args(argv)
-    size_overrides = {key: getattr(args, key) for _, key in size_flags if getattr(args, key) is not None}
+    size_overrides = {key: getattr(args, key) for _, key, _ in size_flags if getattr(args, key) is not None}
     if args.config and size_overrides:
         parser.error("--config and the model size flags are mutually exclusive")
     args.model_sizes = DEFAULT_MODEL_SIZES | size_overrides
@@ -139,14 +159,14 @@ def stdlib_sources():
 
 
 def load_corpus(text_files, min_bytes):
-    """Return the training text as a 1-D uint8 tensor, and a description of its source.
+    """Return the training text as a 1-D uint8 tensor, and a description of it.
 
     User files are read whole; standard library files are read until the
     corpus holds at least ``min_bytes``.
     """
     if text_files:
         chunks = [path.read_bytes() for path in text_files]
-        source = "the given files"
+        origin = "given"
     else:
         chunks, size = [], 0
         for path in stdlib_sources():
@@ -154,9 +174,9 @@ def load_corpus(text_files, min_bytes):
                 break
             chunks.append(path.read_bytes())
             size += len(chunks[-1])
-        source = "the Python standard library"
+        origin = "Python standard library"
     corpus = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
-    return corpus, f"{corpus.numel() / MB:.1f} MB of text from {len(chunks)} files of {source}"
+    return corpus, f"{corpus.numel():,} bytes from {len(chunks)} {origin} files"
 
 
 def sample_windows(corpus, seq_len, batch_size, generator):
@@ -169,6 +189,7 @@ def sample_windows(corpus, seq_len, batch_size, generator):
 
 
 def build_config(args, max_seq_len):
+    """The model config: the --config file, else the built-in Llama with the size flags."""
     if args.config:
         fields = json.loads(args.config.read_text())
         config = AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
@@ -224,7 +245,7 @@ def describe_model(model, config):
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr, or one plain line per update when stderr is not a terminal."""
+    """A one-line progress bar on stderr; one plain line per update when stderr is not a terminal."""
 
     WIDTH = 30
 
@@ -258,8 +279,13 @@ def train(args, config, corpus):
     generator = torch.Generator().manual_seed(args.seed)
     progress = ProgressBar(args.steps, enabled=not args.quiet)
 
-    status(args, f"training {args.steps} steps of {args.batch_size} x {args.seq_len} tokens "
-                 f"(backend {args.backend}, chunk size {args.chunk_size}); the first step compiles")
+    status(
+        args,
+        f"training {args.steps} steps of {args.batch_size} x {args.seq_len} tokens "
+        f"(backend {args.backend}, chunk size {args.chunk_size}); the first step compiles",
+    )
+    # Single-step losses vary with the text of each window, so averages over a few steps are shown too.
+    window = max(1, min(5, args.steps // 4))
     losses = []
     start = time.perf_counter()
     for index in range(1, args.steps + 1):
@@ -271,10 +297,9 @@ def train(args, config, corpus):
         optimizer.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
         elapsed = time.perf_counter() - start
-        progress.update(index, f"loss {losses[-1]:.3f}  {elapsed:.0f} s elapsed")
+        recent = statistics.mean(losses[-window:])
+        progress.update(index, f"loss {losses[-1]:.3f} (last {window}: {recent:.3f})  {elapsed:.0f} s")
 
-    # Averages over a few steps, since single-step losses are noisy.
-    window = max(1, min(5, args.steps // 4))
     first, last = statistics.mean(losses[:window]), statistics.mean(losses[-window:])
     print(
         f"trained {args.steps} steps in {time.perf_counter() - start:.1f} s: loss {first:.3f} -> {last:.3f} "
@@ -330,7 +355,7 @@ def compare_methods(args, config, corpus):
     lengths = sorted(set(args.compare_lengths) | {args.seq_len})
     # One window of text, cut to each length, so that all methods see the same tokens.
     longest = sample_windows(corpus, lengths[-1], args.batch_size, generator)
-    batches = {length: longest[:, :length] for length in lengths}
+    batches = {length: longest[:, :length].contiguous() for length in lengths}
     methods = [EAGER, CHECKPOINTING, args.backend]
     return [benchmark_method(method, config, args, batches) for method in methods]
 
@@ -339,7 +364,10 @@ def print_step_table(results, args):
     reference = next(result for result in results if result.name == CHECKPOINTING)
     reference_bytes = reference.peak_bytes[args.seq_len]
     print(f"\nOne training step (forward + backward), batch {args.batch_size} x {args.seq_len} tokens:")
-    print(f"{'method':<15} {'peak memory MB':>15} {'step time s':>12} {'memory vs ckpt':>15} {'time vs ckpt':>13}")
+    print(
+        f"{'method':<15} {'peak memory MB':>15} {'step time s':>12} "
+        f"{'memory vs ckpt':>15} {'time vs ckpt':>13}"
+    )
     for result in results:
         peak = result.peak_bytes[args.seq_len]
         print(
@@ -367,7 +395,8 @@ def plot_memory(results, lengths, path, title):
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for result in results:
-        axes.plot(lengths, [result.peak_bytes[length] / MB for length in lengths], marker="o", label=result.name)
+        peaks_mb = [result.peak_bytes[length] / MB for length in lengths]
+        axes.plot(lengths, peaks_mb, marker="o", label=result.name)
     axes.set_xscale("log", base=2)
     axes.minorticks_off()
     axes.set_xticks(lengths, labels=[str(length) for length in lengths])
@@ -386,9 +415,9 @@ def main(argv=None):
     lengths = sorted(set(args.compare_lengths))
     longest = max(args.seq_len, *lengths) if not args.skip_compare else args.seq_len
 
-    corpus, corpus_description = load_corpus(args.text_files, min_bytes=max(STDLIB_CORPUS_BYTES, 2 * longest))
+    corpus, corpus_description = load_corpus(args.text_files, max(STDLIB_CORPUS_BYTES, 2 * longest))
     if corpus.numel() < longest:
-        raise SystemExit(f"the text has {corpus.numel()} bytes, fewer than the {longest} tokens of a sequence")
+        raise SystemExit(f"the text has {corpus.numel()} bytes, fewer than the {longest} of one sequence")
     status(args, f"corpus: {corpus_description}")
     config = build_config(args, longest)
 

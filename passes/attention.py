@@ -18,7 +18,7 @@ from typing import Optional
 import torch.fx as fx
 
 from .errors import CannotChunk, Reason
-from .seq_dims import op_name, shape_of
+from .seq_dims import op_name, shape_of, size_hint as size_hint_of
 
 # Ops allowed between the score matmul and the softmax, and between softmax and the value matmul.
 _SCORE_CHAIN = {"mul", "truediv", "div", "add", "sub", "to", "float", "type", "type_as", "tanh", "where", "masked_fill", "contiguous"}
@@ -37,6 +37,28 @@ class Attention:
     is_causal: bool  # sdpa's is_causal flag (then there is no mask operand)
     mixing_nodes: frozenset  # nodes allowed to reduce/contract over the key axis
     dropout_p: object  # sdpa dropout_p argument (float or node)
+    grouped_query_replication: bool = False  # key/value enter sdpa through repeat_kv
+
+
+def is_repeat_kv(operand: fx.Node, source: fx.Node) -> bool:
+    """``operand`` is ``source[:, :, None].expand(B, Hkv, rep, S, D).reshape(B, Hkv*rep, S, D)``,
+    i.e. each key/value head repeated ``rep`` times in a row: what sdpa's ``enable_gqa`` does."""
+    chain = []
+    node = operand
+    while node is not source:
+        chain.append(node)
+        node = node.args[0]
+    names = [op_name(n) for n in reversed(chain) if op_name(n) != "contiguous"]
+    if names != ["getitem", "expand", "reshape"]:
+        return False
+    index = next(n for n in reversed(chain) if op_name(n) == "getitem").args[1]
+    src, out = shape_of(source), shape_of(operand)
+    return (
+        isinstance(index, tuple) and len(index) == 5 and index[2] is None
+        and len(src) == 4 and len(out) == 4
+        and src[0] == out[0] and src[2:] == out[2:]
+        and size_hint_of(out[1]) % size_hint_of(src[1]) == 0
+    )
 
 
 def _strip_transpose(node: fx.Node) -> fx.Node:
@@ -48,6 +70,29 @@ def _strip_transpose(node: fx.Node) -> fx.Node:
     raise CannotChunk(Reason.NO_ATTENTION, f"{node.name}: key operand of the score matmul is not a transpose")
 
 
+_REPLICATION = {"reshape", "view", "expand", "unsqueeze", "contiguous", "getitem"}
+
+
+def _before_replication(node: fx.Node) -> fx.Node:
+    """Walk back from a key/value operand over grouped-query replication (``repeat_kv``:
+    index with None, expand, reshape) to the un-replicated tensor.
+
+    K/V are kept whole for a layer's backward, with their gradients: cutting before the
+    replication keeps them at the number of key/value heads. The replication ops then run per
+    chunk on the prefix, inside the query-chunk graph (and the analysis checks them there).
+    """
+    while op_name(node) in _REPLICATION and len(node.users) == 1:
+        if op_name(node) == "getitem":
+            index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            if not all(i is None or i == slice(None) or i is Ellipsis for i in index):
+                break
+        source = node.args[0]
+        if not isinstance(source, fx.Node) or len(source.users) != 1:
+            break
+        node = source
+    return node
+
+
 def _sdpa(node: fx.Node) -> Attention:
     args = list(node.args) + [None] * (7 - len(node.args))
     names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"]
@@ -56,17 +101,20 @@ def _sdpa(node: fx.Node) -> Attention:
         bound["dropout_p"] = 0.0
     if node.kwargs.get("enable_gqa"):
         pass  # grouped keys stay grouped; the key axis is still dim -2
+    key, value = _before_replication(bound["key"]), _before_replication(bound["value"])
     return Attention(
         kind="sdpa",
         node=node,
         query=bound["query"],
-        key=bound["key"],
-        value=bound["value"],
+        key=key,
+        value=value,
         mask=bound["attn_mask"],
         mask_user=node if bound["attn_mask"] is not None else None,
         is_causal=bool(bound["is_causal"]),
         mixing_nodes=frozenset({node}),
         dropout_p=bound["dropout_p"],
+        grouped_query_replication=is_repeat_kv(bound["key"], key) and is_repeat_kv(bound["value"], value)
+        and not node.kwargs.get("enable_gqa"),
     )
 
 
@@ -103,8 +151,8 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Attention:
         kind="eager",
         node=out,
         query=scores.args[0],
-        key=_strip_transpose(scores.args[1]),
-        value=out.args[1],
+        key=_before_replication(_strip_transpose(scores.args[1])),
+        value=_before_replication(out.args[1]),
         mask=mask,
         mask_user=mask_user,
         is_causal=False,

@@ -185,6 +185,16 @@ def _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim, is
         if node is attention.node and chunk_mask is not None:
             # is_causal=True is upper-left aligned for q_len != kv_len: pass the lower-right mask.
             copy.kwargs = {**copy.kwargs, "attn_mask": chunk_mask, "is_causal": False}
+        if node is attention.node and attention.grouped_query_replication:
+            # sdpa repeats the key/value heads itself: the prefix and its gradient stay at the
+            # number of key/value heads instead of a repeated copy per chunk.
+            args, kwargs = list(copy.args), dict(copy.kwargs, enable_gqa=True)
+            for position, name, prefix in ((1, "key", key_prefix), (2, "value", value_prefix)):
+                if len(args) > position:
+                    args[position] = prefix
+                else:
+                    kwargs[name] = prefix
+            copy.args, copy.kwargs = tuple(args), kwargs
         env[node] = copy
     graph.eliminate_dead_code()
     query_gm = fx.GraphModule(layer_gm, graph)

@@ -220,7 +220,7 @@ def _outline_one(gm, region, labels, unknown_causes, is_seq_sized, dynamic, buil
         if not node.users:
             graph.erase_node(node)
     decision.chunked = True
-    decision.attention = split.attention.kind
+    decision.attention = split.attention.kind + (" grouped-query" if split.attention.grouped_query_replication else "")
     decision.mask = (
         "lower-right causal (built per chunk)" if builder is None
         else f"rebuilt per chunk (query sources {builder.query_sources}, key sources {builder.key_sources})"

@@ -38,6 +38,7 @@ def trace_memory(fn: Callable[[], T]) -> tuple[T, MemoryTrace]:
     """Run ``fn()`` under the profiler; return its result and its memory trace."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
+    # profile_memory also records accelerator allocators; only host memory is summed.
     events = [
         event
         for event in prof.profiler.kineto_results.events()

@@ -73,6 +73,14 @@ def test_eager_attention_float32(arch):
     assert {layer.attention for layer in report.layers} == {"eager"}
 
 
+def test_grouped_query_attention_keeps_key_value_heads():
+    """repeat_kv before sdpa becomes sdpa's own enable_gqa: K/V stay at 2 heads, gradients exact."""
+    model = float64_throughout(build_model("qwen2"))
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4})
+    assert_exact(model, compiled, batch(10, pad=2), FLOAT64_TOLERANCE)
+    assert {layer.attention for layer in sbp_compiler.last_report().layers} == {"sdpa grouped-query"}
+
+
 def test_dynamic_from_the_start():
     model = float64_throughout(build_model("qwen3"))
     compiled = torch.compile(model, backend="streambp", dynamic=True, options={"chunk_size": 4})
