@@ -118,7 +118,8 @@ def _sdpa(node: fx.Node) -> Attention:
     )
 
 
-def _eager(softmax: fx.Node, layer_inputs: set) -> Attention:
+def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
+    """The eager attention around ``softmax``, or None if it is some other softmax."""
     chain = [softmax]
     mask, mask_user = None, None
     node = softmax.args[0]
@@ -134,7 +135,7 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Attention:
                     mask, mask_user = other, node
         node = node.all_input_nodes[0]
     if op_name(node) != "matmul":
-        raise CannotChunk(Reason.NO_ATTENTION, f"{softmax.name}: softmax not fed by a score matmul")
+        return None  # a softmax that is not attention (a router, say): an ordinary op
     scores = node
     chain.append(scores)
     users = list(softmax.users)
@@ -144,7 +145,7 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Attention:
         chain.append(probs)
         users = list(probs.users)
     if len(users) != 1 or op_name(users[0]) != "matmul" or users[0].args[0] is not probs:
-        raise CannotChunk(Reason.NO_ATTENTION, f"{softmax.name}: softmax output not fed into a value matmul")
+        return None
     out = users[0]
     chain.append(out)
     return Attention(
@@ -185,7 +186,9 @@ def find_attention(gm: fx.GraphModule, mask_candidates: set) -> Attention:
         if name == "scaled_dot_product_attention":
             found.append(_sdpa(node))
         elif name in ("softmax", "_softmax") and node.op in ("call_function", "call_method"):
-            found.append(_eager(node, mask_candidates))
+            attention = _eager(node, mask_candidates)
+            if attention is not None:
+                found.append(attention)
     if not found:
         raise CannotChunk(Reason.NO_ATTENTION)
     if len(found) > 1:

@@ -34,7 +34,8 @@ POINTWISE = frozenset(
     """add sub mul truediv div floordiv mod neg pos pow rsqrt sqrt exp exp2 log log2 log1p expm1
     tanh sigmoid silu gelu relu relu6 leaky_relu elu selu celu mish softplus hardswish hardsigmoid
     sin cos erf abs sign reciprocal square clamp clamp_min clamp_max clip maximum minimum
-    to float double half bfloat16 type_as type contiguous clone detach where masked_fill
+    to float double half bfloat16 long int short bool byte char type_as type contiguous clone
+    detach where masked_fill
     and_ or_ xor invert logical_and logical_or logical_not logical_xor bitwise_and bitwise_or
     bitwise_not le lt ge gt eq ne iadd isub imul itruediv add_ sub_ mul_ div_ dropout
     _to_copy lerp addcmul addcdiv fill_ zero_""".split()
@@ -454,6 +455,23 @@ class SeqDimAnalysis:
         return tuple(
             self._merge(None if i == dim else source[i], index[i], node) for i in range(len(index))
         )
+
+    def _rule_repeat_interleave(self, node):
+        labels = self.of(node.args[0])
+        dim = self._arg(node, 2, "dim")
+        if dim is None:
+            raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: repeat_interleave without dim flattens")
+        self._mix(node, labels[_normalise_dim(dim, len(labels))], "repeats")
+        return labels
+
+    def _rule_repeat(self, node):
+        labels = self.of(node.args[0])
+        repeats = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        out = (None,) * (len(repeats) - len(labels)) + tuple(labels)
+        for label, count in zip(out, repeats):
+            if label is not None and count != 1:
+                self._mix(node, label, "repeats")
+        return out
 
     def _rule_split(self, node):
         labels = self.of(node.args[0])

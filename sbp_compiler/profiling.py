@@ -6,6 +6,7 @@ bytes requested by tensor allocations, so a deterministic function gives the
 same number on every run and on every machine, which makes it usable in tests.
 """
 
+import gc
 import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -36,6 +37,10 @@ class MemoryTrace:
 
 def trace_memory(fn: Callable[[], T]) -> tuple[T, MemoryTrace]:
     """Run ``fn()`` under the profiler; return its result and its memory trace."""
+    # Start from empty garbage-collector generations, so that any collection of
+    # reference cycles (which frees their tensors) happens at the same point of
+    # fn on every call.
+    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     # profile_memory also records accelerator allocators; only host memory is summed.

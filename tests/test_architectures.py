@@ -1,0 +1,51 @@
+"""The same pass on many more Hugging Face causal decoders than the issue names.
+
+None of these is known to the backend by name: each is chunked because the analysis proves its
+layers token-wise apart from causal attention, or refused with a typed reason.
+"""
+import pytest
+import torch
+
+import sbp_compiler
+from models import batch, build_model, float64_throughout, loss_and_grads, max_relative_error
+from passes.errors import Reason
+
+# sdpa models, float64 throughout: <= 1e-10.
+FLOAT64 = ["gemma", "gemma3_text", "phi", "phi3", "olmo2", "stablelm", "gpt_neox", "starcoder2", "granite",
+           "helium", "opt", "smollm3"]
+# Models that compute in float32 inside (eager-only attention, whose softmax upcasts; Cohere's
+# LayerNorm upcasts): float32 at <= 1e-5.
+FLOAT32 = ["gemma2", "gptj", "codegen", "cohere"]
+# Layers the analysis cannot prove chunkable, with the op it names: token routing (MoE top-k),
+# ALiBi scores (baddbmm). Later layers inherit the refusal through their input.
+REFUSED = {"mixtral": "topk", "bloom": "baddbmm"}
+
+
+def check(model, tolerance):
+    inputs = batch(13, pad=3)
+    ref_loss, reference = loss_and_grads(model, model, inputs)
+    loss, grads = loss_and_grads(model, torch.compile(model, backend="streambp", options={"chunk_size": 4}), inputs)
+    assert torch.allclose(loss, ref_loss, rtol=tolerance, atol=0)
+    error = max_relative_error(reference, grads)
+    assert error <= tolerance, error
+    return sbp_compiler.last_report()
+
+
+@pytest.mark.parametrize("arch", FLOAT64)
+def test_float64(arch):
+    report = check(float64_throughout(build_model(arch)), 1e-10)
+    assert report.layers and all(layer.chunked for layer in report.layers), report
+
+
+@pytest.mark.parametrize("arch", FLOAT32)
+def test_float32(arch):
+    report = check(build_model(arch, dtype=torch.float32), 1e-5)
+    assert report.layers and all(layer.chunked for layer in report.layers), report
+
+
+@pytest.mark.parametrize("arch", sorted(REFUSED))
+def test_refused_with_reason(arch):
+    report = check(build_model(arch, dtype=torch.float32), 1e-5)
+    assert report.layers and not report.chunked_layers
+    assert set(report.reasons) <= {Reason.UNKNOWN_OP, Reason.NO_ATTENTION, Reason.LAYER_INPUT_UNKNOWN}, report
+    assert all(REFUSED[arch] in layer.detail for layer in report.layers[1:]), report
