@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
+from sbp_compiler.config import auto_chunk_size
 from sbp_compiler.report import GraphReport, LayerDecision
 from sbp_compiler.runtime import InputRef, LayerPlan, NotCausalError, register_plan
 
@@ -110,11 +111,14 @@ def _probe(plan: LayerPlan, region: LayerRegion, mask_inputs: list, split: Layer
 def outline_layers(
     gm: fx.GraphModule,
     example_inputs,
-    chunk_size: int,
+    chunk_size,
     report: GraphReport,
     wrap_subgraph: Callable[[str, fx.GraphModule], Callable],
 ) -> list[tuple[LayerDecision, Optional[LayerSplit]]]:
-    """Rewrite ``gm`` in place; ``wrap_subgraph(name, gm)`` turns each new subgraph into a callable."""
+    """Rewrite ``gm`` in place; ``wrap_subgraph(name, gm)`` turns each new subgraph into a callable.
+
+    ``chunk_size``: an int, or "auto" (resolved from the hidden size, see ``auto_chunk_size``).
+    """
     regions = find_layer_regions(gm)
     seq_len = _sequence_length(regions)
     dynamic = isinstance(seq_len, torch.SymInt)
@@ -127,6 +131,9 @@ def outline_layers(
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     real = dict(zip(placeholders, example_inputs))
     full = size_hint(seq_len)
+    if chunk_size == "auto":
+        chunk_size = auto_chunk_size(size_hint(example(regions[0].outputs[0]).shape[-1]))
+    report.chunk_size = chunk_size
 
     builders: dict[fx.Node, MaskBuilder] = {}
     results = []

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
+from typing import Optional, Union
 
 INNER_COMPILERS = ("eager", "inductor")
 
@@ -11,9 +11,11 @@ INNER_COMPILERS = ("eager", "inductor")
 @dataclasses.dataclass(frozen=True)
 class StreamBPConfig:
     """
-    chunk_size:     query tokens per chunk, in forward and backward. Smaller chunks hold less
-                    memory per chunk and run more, smaller matmuls; 1024 keeps the per-chunk
-                    working set small next to the O(T) saved layer inputs at long lengths.
+    chunk_size:     query tokens per chunk, in forward and backward, or "auto" (default):
+                    a chunk's attention mask holds chunk x T elements (5 bytes each once
+                    SDPA converts it to float), so "auto" keeps it below one hidden state
+                    (T x hidden x 4 bytes): the largest power of two <= 0.8 x hidden, within
+                    [64, 1024]. Smaller chunks hold less memory and run more, smaller matmuls.
     inner_compiler: "eager" runs the non-layer graph through AOTAutograd without code
                     generation (exact, no compile time); "inductor" generates code for it.
                     The chunk subgraphs run eagerly in both cases (for now).
@@ -21,13 +23,15 @@ class StreamBPConfig:
                     (NNN_<name>.py), plus ``report.txt``. Defaults to $STREAMBP_DEBUG_DIR.
     """
 
-    chunk_size: int = 1024
+    chunk_size: Union[int, str] = "auto"
     inner_compiler: str = "eager"
     debug_dir: Optional[str] = None
 
     def __post_init__(self):
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"streambp option chunk_size must be a positive int, got {self.chunk_size!r}")
+        if self.chunk_size != "auto" and (
+            isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
+        ):
+            raise ValueError(f"streambp option chunk_size must be a positive int or 'auto', got {self.chunk_size!r}")
         if self.inner_compiler not in INNER_COMPILERS:
             raise ValueError(
                 f"streambp option inner_compiler must be one of {INNER_COMPILERS}, got {self.inner_compiler!r}"
@@ -45,3 +49,9 @@ class StreamBPConfig:
         if options.get("debug_dir") is None and os.environ.get("STREAMBP_DEBUG_DIR"):
             options["debug_dir"] = os.environ["STREAMBP_DEBUG_DIR"]
         return cls(**options)
+
+
+def auto_chunk_size(hidden_size: int) -> int:
+    """The "auto" chunk size for a model of this width (see ``StreamBPConfig``)."""
+    limit = max(1, int(0.8 * hidden_size))
+    return min(1024, max(64, 1 << (limit.bit_length() - 1)))

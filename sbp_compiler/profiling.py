@@ -1,65 +1,71 @@
 """Deterministic CPU memory measurement and step timing.
 
 Peak memory is computed from the allocator events that the PyTorch profiler
-records (``[memory]`` events), not from the process RSS: it counts exactly the
-bytes requested by tensor allocations, so a deterministic function gives the
-same number on every run and on every machine, which makes it usable in tests.
+records, not from the process RSS: it counts exactly the bytes requested by
+tensor allocations, so a deterministic function gives the same number on
+every run, which makes it usable in tests.
 """
 
-import gc
 import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-import torch
+from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 T = TypeVar("T")
-
-_MEMORY_EVENT_NAME = "[memory]"
-_CPU = torch._C._autograd.DeviceType.CPU
 
 
 @dataclass(frozen=True)
 class MemoryTrace:
     """CPU memory activity of one call, relative to the memory alive before it.
 
-    ``peak_bytes`` is the highest point reached by the running sum of
-    allocations minus frees. Memory that was allocated before the call is not
-    counted, and neither is its release during the call (the profiler cannot
-    attribute a size to it), so the peak is never lowered by freeing old
-    tensors. ``allocations`` lists the size of every allocation, in order.
+    ``peak_bytes`` is the highest point reached by the running sum of the
+    bytes allocated during the call minus those of them freed during the call.
+    Freeing memory that existed before the call does not lower it.
+    ``allocations`` lists the size of every allocation, in order.
     """
 
     peak_bytes: int
     allocations: tuple[int, ...]
 
 
+def _allocation_events(prof):
+    """The profiler's allocator events, from the tree of events of every thread."""
+    pending = list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            yield event
+
+
 def trace_memory(fn: Callable[[], T]) -> tuple[T, MemoryTrace]:
     """Run ``fn()`` under the profiler; return its result and its memory trace."""
-    # Start from empty garbage-collector generations, so that any collection of
-    # reference cycles (which frees their tensors) happens at the same point of
-    # fn on every call.
-    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     # profile_memory also records accelerator allocators; only host memory is summed.
-    events = [
-        event
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == _MEMORY_EVENT_NAME and event.device_type() == _CPU
-    ]
-    # The profiler does not return events in time order.
-    events.sort(key=lambda event: event.start_ns())
+    events = [event for event in _allocation_events(prof) if event.extra_fields.device.type == "cpu"]
+    events.sort(key=lambda event: event.start_time_ns)
 
+    # Frees are matched to allocations by address: the plain "[memory]" events
+    # carry no address, and the allocator remembers the size of every block
+    # allocated under any earlier profiler session, so their frees would be
+    # subtracted and make the peak depend on what was profiled before.
+    live = set()
     current = peak = 0
     allocations = []
     for event in events:
-        nbytes = event.nbytes()  # positive for an allocation, negative for a free
+        ptr, nbytes = event.extra_fields.ptr, event.extra_fields.alloc_size
+        if nbytes > 0:
+            live.add(ptr)
+            allocations.append(nbytes)
+        elif ptr in live:
+            live.remove(ptr)
+        else:
+            continue  # a block allocated before the call
         current += nbytes
         peak = max(peak, current)
-        if nbytes > 0:
-            allocations.append(nbytes)
     return result, MemoryTrace(peak_bytes=peak, allocations=tuple(allocations))
 
 

@@ -31,7 +31,7 @@ class LayerDecision:
 @dataclasses.dataclass
 class GraphReport:
     graph_id: int
-    chunk_size: int
+    chunk_size: object  # int once resolved; "auto" until the layers are known
     sequence_length: str = "?"  # the symbol (dynamic) or the value (static)
     dynamic: bool = False
     layers: list[LayerDecision] = dataclasses.field(default_factory=list)
@@ -61,7 +61,7 @@ class GraphReport:
 _REPORTS: list[GraphReport] = []
 
 
-def new_report(chunk_size: int) -> GraphReport:
+def new_report(chunk_size) -> GraphReport:
     report = GraphReport(graph_id=len(_REPORTS), chunk_size=chunk_size)
     _REPORTS.append(report)
     return report

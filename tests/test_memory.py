@@ -1,9 +1,10 @@
 """Memory of one training step, measured with the profiler method of DESIGN §2.
 
-Issue 2 asks for at most half of HF activation checkpointing at T=8192; the backend reaches
-0.70 on this model today (the LM head is not chunked yet, and the backward of a chunk still
-holds K/V for all heads plus their gradients). The bound below is what is achieved, so a
-regression fails; the issue's target stays open until it can be asserted.
+Issue 2 asks for at most half of HF activation checkpointing at T=8192; with the default
+options the backend reaches 0.57 on this model today (the LM head and loss are not chunked yet;
+a layer's backward holds its K/V, dK/dV, the input gradient and the chunk's float mask). The
+bound below is what is achieved, so a regression fails; the issue's target stays open until it
+can be asserted.
 """
 import pytest
 import torch
@@ -11,8 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sbp_compiler.profiling import trace_memory
 
-CHUNK = 256
-ACHIEVED_RATIO_TO_CHECKPOINTING = 0.75
+ACHIEVED_RATIO_TO_CHECKPOINTING = 0.60
 
 
 def four_layer_model():
@@ -36,7 +36,7 @@ def step_fn(model, fn, length):
 
 def test_below_activation_checkpointing_at_8192_and_linear_growth():
     model = four_layer_model()
-    compiled = torch.compile(model, backend="streambp", dynamic=True, options={"chunk_size": CHUNK})
+    compiled = torch.compile(model, backend="streambp", dynamic=True)  # default options: chunk "auto"
     peaks = {}
     for length in (2048, 4096, 8192):
         step = step_fn(model, compiled, length)

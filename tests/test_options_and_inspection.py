@@ -10,17 +10,29 @@ import torch
 import sbp_compiler
 from models import batch, build_model, loss_and_grads
 from sbp_compiler import StreamBPConfig
+from sbp_compiler.config import auto_chunk_size
 
 
 def test_defaults():
     config = StreamBPConfig.from_options(None)
-    assert config.chunk_size == 1024 and config.inner_compiler == "eager"
+    assert config.chunk_size == "auto" and config.inner_compiler == "eager"
+
+
+@pytest.mark.parametrize("hidden, chunk", [(32, 64), (256, 128), (512, 256), (1024, 512), (4096, 1024), (8192, 1024)])
+def test_auto_chunk_size(hidden, chunk):
+    assert auto_chunk_size(hidden) == chunk
+
+
+def test_auto_chunk_size_in_report():
+    model = build_model("llama")
+    loss_and_grads(model, torch.compile(model, backend="streambp"), batch(9))
+    assert sbp_compiler.last_report().chunk_size == 64
 
 
 @pytest.mark.parametrize("options, message", [
     ({"chunk": 4}, "valid options are ['chunk_size', 'inner_compiler', 'debug_dir']"),
-    ({"chunk_size": 0}, "chunk_size must be a positive int"),
-    ({"chunk_size": "8"}, "chunk_size must be a positive int"),
+    ({"chunk_size": 0}, "chunk_size must be a positive int or 'auto'"),
+    ({"chunk_size": "8"}, "chunk_size must be a positive int or 'auto'"),
     ({"inner_compiler": "tvm"}, "inner_compiler must be one of ('eager', 'inductor')"),
 ])
 def test_bad_options_are_clear_errors(options, message):
