@@ -88,12 +88,18 @@ def parse_args(argv):
         ("--seq-len", 8192, "tokens per sequence"),
         ("--batch-size", 1, "sequences per step"),
         ("--steps", 30, "training steps"),
-        ("--chunk-size", 1024, "streambp chunk length in tokens"),
         ("--seed", 0, "seed of the weights and the data"),
     ]:
         training.add_argument(
             flag, type=int, metavar="N", default=default, help=f"{meaning} (default: %(default)s)"
         )
+    training.add_argument(
+        "--chunk-size",
+        type=lambda text: text if text == "auto" else int(text),
+        metavar="N",
+        default="auto",
+        help="streambp chunk length in tokens, or 'auto' (from the hidden size) (default: %(default)s)",
+    )
     training.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: %(default)s)")
 
     compare = parser.add_argument_group("comparison")
@@ -132,7 +138,9 @@ def parse_args(argv):
     if args.config and size_overrides:
         parser.error("--config and the model size flags are mutually exclusive")
     args.model_sizes = DEFAULT_MODEL_SIZES | size_overrides
-    for name in ("seq_len", "batch_size", "steps", "chunk_size", "repeats"):
+    if args.chunk_size != "auto" and args.chunk_size < 1:
+        parser.error("--chunk-size must be at least 1 or 'auto'")
+    for name in ("seq_len", "batch_size", "steps", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if min(args.compare_lengths) < 2 or args.seq_len < 2:
@@ -271,7 +279,7 @@ class ProgressBar:
 
 
 def train(args, config, corpus):
-    """Train a fresh model with the compiled step; return the loss of every step."""
+    """Train a fresh model with the compiled step, showing the loss as it goes down."""
     model = build_model(config, args.seed)
     status(args, describe_model(model, config))
     step = compile_streambp(model, args)
@@ -305,7 +313,6 @@ def train(args, config, corpus):
         f"trained {args.steps} steps in {time.perf_counter() - start:.1f} s: loss {first:.3f} -> {last:.3f} "
         f"(mean of the first and last {window} steps)"
     )
-    return losses
 
 
 # --- comparison -------------------------------------------------------------
