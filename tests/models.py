@@ -52,7 +52,9 @@ def build_model(arch: str, dtype=torch.float64, attn_implementation="sdpa", seed
     torch.manual_seed(seed)
     fields = dict(ARCHITECTURES.get(arch) or MORE_ARCHITECTURES[arch], vocab_size=VOCAB, **overrides)
     config = AutoConfig.for_model(arch, **fields)
-    for name in list(config.to_dict()):  # dropout cannot be replayed: off everywhere
+    for name in list(config.to_dict()):  # dropout cannot be replayed: off unless asked for
+        if name in overrides:
+            continue
         if ("dropout" in name or "pdrop" in name) and isinstance(getattr(config, name, None), float):
             setattr(config, name, 0.0)
     config._attn_implementation = "eager" if arch in SDPA_UNSUPPORTED else attn_implementation
