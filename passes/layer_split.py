@@ -15,13 +15,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import torch
 import torch.fx as fx
 
 from .attention import Attention, find_attention
 from .errors import CannotChunk, Reason
 from .rescale import rescale_shape_arguments
-from .seq_dims import SeqDimAnalysis, UNKNOWN, example, op_name, shape_of
+from .seq_dims import SeqDimAnalysis, UNKNOWN, op_name, shape_of
 
 Q, K = "Q", "K"
 

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from .errors import CannotChunk, Reason
 from .rescale import rescale_shape_arguments
-from .seq_dims import SeqDimAnalysis, UNKNOWN, example
+from .seq_dims import SeqDimAnalysis, UNKNOWN
 
 Q, K = frozenset({"Q"}), frozenset({"K"})
 

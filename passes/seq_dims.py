@@ -19,7 +19,6 @@ are only used to recognise where a sequence axis is created (``arange(T)``) in `
 from __future__ import annotations
 
 import math
-import operator
 from typing import Callable, Hashable, Optional, Sequence
 
 import torch
@@ -487,25 +486,23 @@ class SeqDimAnalysis:
         self._mix(node, labels[dim], "unbinds")
         return [labels[:dim] + labels[dim + 1:]] * len(example(node))
 
-    def _rule_cat(self, node):
-        tensors = node.args[0]
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    def _same_shape_inputs(self, node):
+        """(merged labels of a list of same-rank tensors, dim) for cat and stack."""
         out = None
-        for t in tensors:
+        for t in node.args[0]:
             labels = self.of(t)
             out = labels if out is None else tuple(self._merge(a, b, node) for a, b in zip(out, labels))
+        return out, self._arg(node, 1, "dim", 0)
+
+    def _rule_cat(self, node):
+        out, dim = self._same_shape_inputs(node)
         self._mix(node, out[_normalise_dim(dim, len(out))], "concatenates")
         return out
 
     _rule_concat = _rule_concatenate = _rule_cat
 
     def _rule_stack(self, node):
-        tensors = node.args[0]
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        out = None
-        for t in tensors:
-            labels = self.of(t)
-            out = labels if out is None else tuple(self._merge(a, b, node) for a, b in zip(out, labels))
+        out, dim = self._same_shape_inputs(node)
         out = list(out)
         out.insert(_normalise_dim(dim, len(out) + 1), None)
         return tuple(out)

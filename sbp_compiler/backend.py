@@ -12,7 +12,6 @@ import logging
 import os
 from typing import Callable, Optional
 
-import torch
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func

@@ -6,7 +6,6 @@ a layer's backward holds its K/V, dK/dV, the input gradient and the chunk's floa
 bound below is what is achieved, so a regression fails; the issue's target stays open until it
 can be asserted.
 """
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 

@@ -3,7 +3,6 @@ import pytest
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from passes.errors import CannotChunk, Reason
 from passes.rescale import rescale_shape_arguments, rescale_size
