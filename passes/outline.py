@@ -53,10 +53,20 @@ def sequence_labels(gm: fx.GraphModule, example_inputs, is_seq_sized) -> dict:
     return labels, analysis.unknown_causes
 
 
+_SEVERAL_OUTPUTS = (
+    "{n} values leave the layer (with use_cache=True each layer also returns its K/V cache: "
+    "call the model with use_cache=False for training)"
+)
+
+
 def _sequence_length(regions: list[LayerRegion]):
-    out = example(regions[0].outputs[0]) if len(regions[0].outputs) == 1 else None
+    """The length: dim -2 of the output of the first layer that has a single output."""
+    single = [r for r in regions if len(r.outputs) == 1]
+    if not single:
+        raise CannotChunk(Reason.LAYER_OUTPUTS, _SEVERAL_OUTPUTS.format(n=len(regions[0].outputs)))
+    out = example(single[0].outputs[0])
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
-        raise CannotChunk(Reason.NO_SEQUENCE_DIM, "first layer output is not a (.., T, hidden) tensor")
+        raise CannotChunk(Reason.NO_SEQUENCE_DIM, "layer output is not a (.., T, hidden) tensor")
     return out.shape[-2]
 
 
@@ -157,7 +167,7 @@ def outline_layers(
 def _outline_one(gm, region, labels, unknown_causes, is_seq_sized, dynamic, builders, chunk_size, decision, wrap_subgraph, real, full):
     region = region_of(region.path, region.nodes)
     if len(region.outputs) != 1:
-        raise CannotChunk(Reason.LAYER_OUTPUTS, f"{len(region.outputs)} values leave the layer")
+        raise CannotChunk(Reason.LAYER_OUTPUTS, _SEVERAL_OUTPUTS.format(n=len(region.outputs)))
     output = region.outputs[0]
     layer_gm = extract_subgraph(region.inputs, region.nodes, region.outputs)
     input_labels = [labels.get(n, UNKNOWN) for n in region.inputs]

@@ -104,3 +104,16 @@ def test_eval_mode_dropout_is_chunked():
         got = compiled(**inputs).logits
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
     assert len(sbp_compiler.last_report().chunked_layers) == 2
+
+
+def test_use_cache_true_is_refused_with_a_hint():
+    """HF's default use_cache=True makes every layer return its K/V: not a training call."""
+    model = build_model("llama")
+    inputs = batch(9)
+    del inputs["use_cache"]
+    reference_loss, reference = loss_and_grads(model, model, inputs)
+    loss, grads = loss_and_grads(model, torch.compile(model, backend="streambp", options={"chunk_size": 4}), inputs)
+    assert max_relative_error(reference, grads) <= 1e-10
+    report = sbp_compiler.last_report()
+    assert report.fallback == Reason.LAYER_OUTPUTS
+    assert "use_cache=False" in report.fallback_detail
