@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sbp_compiler
-from models import batch, build_model, loss_and_grads
+from models import batch, build_model, loss_and_grads, max_relative_error
 from sbp_compiler import StreamBPConfig
 from sbp_compiler.config import auto_chunk_size
 
@@ -87,3 +87,15 @@ def test_backend_found_through_entry_point_without_import():
     names = {ep.name: ep.value for ep in entry_points(group="torch_dynamo_backends")}
     assert names.get("streambp") == "sbp_compiler.backend:streambp"
     assert "streambp" in torch._dynamo.list_backends()
+
+
+def test_inductor_inner_compiler():
+    """Inductor compiles the non-layer graph; the layers stay chunked custom ops."""
+    model = build_model("llama", dtype=torch.float32)
+    inputs = batch(11, pad=2)
+    reference_loss, reference = loss_and_grads(model, model, inputs)
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4, "inner_compiler": "inductor"})
+    loss, grads = loss_and_grads(model, compiled, inputs)
+    assert torch.allclose(loss, reference_loss, rtol=1e-5, atol=0)
+    assert max_relative_error(reference, grads) <= 1e-5
+    assert len(sbp_compiler.last_report().chunked_layers) == 2
