@@ -7,6 +7,7 @@ its reason is recorded.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable, Optional
 
@@ -20,7 +21,7 @@ from sbp_compiler.runtime import InputRef, LayerPlan, NotCausalError, register_p
 from .errors import CannotChunk, Reason
 from .find_layers import LayerRegion, extract_subgraph, find_layer_regions, region_of
 from .layer_split import LayerSplit, split_layer
-from .mask import MaskBuilder, build_mask_builder
+from .mask import build_mask_builder
 from .seq_dims import SeqDimAnalysis, UNKNOWN, example, seq_sized_predicate, size_hint
 
 log = logging.getLogger("sbp_compiler.passes.outline")
@@ -53,21 +54,37 @@ def sequence_labels(gm: fx.GraphModule, example_inputs, is_seq_sized) -> dict:
     return labels, analysis.unknown_causes
 
 
+@dataclasses.dataclass
+class _GraphContext:
+    """What every layer's rewrite needs to know about the graph it lives in."""
+
+    gm: fx.GraphModule
+    labels: dict  # node -> sequence labels ("S") from the whole-graph analysis
+    unknown_causes: dict  # node -> why the analysis could not label it
+    is_seq_sized: Callable
+    dynamic: bool
+    full_length: int  # the example's sequence length
+    chunk_size: int
+    real_inputs: dict  # placeholder -> example input
+    wrap_subgraph: Callable[[str, fx.GraphModule], Callable]
+    mask_builders: dict = dataclasses.field(default_factory=dict)  # mask node -> MaskBuilder
+
+
 _SEVERAL_OUTPUTS = (
     "{n} values leave the layer (with use_cache=True each layer also returns its K/V cache: "
     "call the model with use_cache=False for training)"
 )
 
 
-def _sequence_length(regions: list[LayerRegion]):
-    """The length: dim -2 of the output of the first layer that has a single output."""
+def _layer_output_example(regions: list[LayerRegion]) -> torch.Tensor:
+    """The output of the first layer that has a single output: (.., T, hidden)."""
     single = [r for r in regions if len(r.outputs) == 1]
     if not single:
         raise CannotChunk(Reason.LAYER_OUTPUTS, _SEVERAL_OUTPUTS.format(n=len(regions[0].outputs)))
     out = example(single[0].outputs[0])
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
         raise CannotChunk(Reason.NO_SEQUENCE_DIM, "layer output is not a (.., T, hidden) tensor")
-    return out.shape[-2]
+    return out
 
 
 def _fabricate(node: fx.Node, real: dict):
@@ -130,30 +147,37 @@ def outline_layers(
     ``chunk_size``: an int, or "auto" (resolved from the hidden size, see ``auto_chunk_size``).
     """
     regions = find_layer_regions(gm)
-    seq_len = _sequence_length(regions)
+    layer_output = _layer_output_example(regions)
+    seq_len = layer_output.shape[-2]
     dynamic = isinstance(seq_len, torch.SymInt)
     report.dynamic = dynamic
     report.sequence_length = str(seq_len.node.expr) if dynamic else str(seq_len)
     if not dynamic and seq_len < 2:
         raise CannotChunk(Reason.SHORT_SEQUENCE, f"static length {seq_len}")
+    if chunk_size == "auto":
+        chunk_size = auto_chunk_size(size_hint(layer_output.shape[-1]))
+    report.chunk_size = chunk_size
     is_seq_sized = seq_sized_predicate(seq_len)
     labels, unknown_causes = sequence_labels(gm, example_inputs, is_seq_sized)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    real = dict(zip(placeholders, example_inputs))
-    full = size_hint(seq_len)
-    if chunk_size == "auto":
-        chunk_size = auto_chunk_size(size_hint(example(regions[0].outputs[0]).shape[-1]))
-    report.chunk_size = chunk_size
+    context = _GraphContext(
+        gm=gm,
+        labels=labels,
+        unknown_causes=unknown_causes,
+        is_seq_sized=is_seq_sized,
+        dynamic=dynamic,
+        full_length=size_hint(seq_len),
+        chunk_size=chunk_size,
+        real_inputs=dict(zip(placeholders, example_inputs)),
+        wrap_subgraph=wrap_subgraph,
+    )
 
-    builders: dict[fx.Node, MaskBuilder] = {}
     results = []
     for region in regions:
         decision = LayerDecision(path=region.path, chunked=False)
         report.layers.append(decision)
         try:
-            split = _outline_one(gm, region, labels, unknown_causes, is_seq_sized, dynamic, builders, chunk_size, decision,
-                                 wrap_subgraph, real, full)
-            results.append((decision, split))
+            results.append((decision, _outline_one(context, region, decision)))
         except CannotChunk as refusal:
             decision.reason, decision.detail = refusal.reason, refusal.detail
             log.info("streambp: %s not chunked: %s", region.path, refusal)
@@ -164,7 +188,8 @@ def outline_layers(
     return results
 
 
-def _outline_one(gm, region, labels, unknown_causes, is_seq_sized, dynamic, builders, chunk_size, decision, wrap_subgraph, real, full):
+def _outline_one(context: _GraphContext, region: LayerRegion, decision: LayerDecision) -> LayerSplit:
+    gm, labels, wrap_subgraph = context.gm, context.labels, context.wrap_subgraph
     region = region_of(region.path, region.nodes)
     if len(region.outputs) != 1:
         raise CannotChunk(Reason.LAYER_OUTPUTS, _SEVERAL_OUTPUTS.format(n=len(region.outputs)))
@@ -173,15 +198,15 @@ def _outline_one(gm, region, labels, unknown_causes, is_seq_sized, dynamic, buil
     input_labels = [labels.get(n, UNKNOWN) for n in region.inputs]
     for node, node_labels in zip(region.inputs, input_labels):
         if node_labels == UNKNOWN:
-            raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{node.name}: {unknown_causes.get(node, 'no labels')}")
-    split = split_layer(layer_gm, input_labels, is_seq_sized, dynamic)
+            raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{node.name}: {context.unknown_causes.get(node, 'no labels')}")
+    split = split_layer(layer_gm, input_labels, context.is_seq_sized, context.dynamic)
 
     mask_node = region.inputs[split.mask_input] if split.mask_input is not None else None
     builder = None
     if mask_node is not None:
-        if mask_node not in builders:
-            builders[mask_node] = build_mask_builder(mask_node, labels, is_seq_sized)
-        builder = builders[mask_node]
+        if mask_node not in context.mask_builders:
+            context.mask_builders[mask_node] = build_mask_builder(mask_node, labels, context.is_seq_sized)
+        builder = context.mask_builders[mask_node]
 
     # Arguments of the op: tensors and ints; the mask itself is rebuilt per chunk.
     tensors, ints = [], []
@@ -222,9 +247,9 @@ def _outline_one(gm, region, labels, unknown_causes, is_seq_sized, dynamic, buil
         output_seq_dim=split.output_seq_dim,
         output_like=like[0],
         dropout_sources=split.dropout_sources,
-        chunk_size=chunk_size,
+        chunk_size=context.chunk_size,
     )
-    _probe(plan, region, builder.inputs if builder else [], split, real, full)
+    _probe(plan, region, builder.inputs if builder else [], split, context.real_inputs, context.full_length)
     plan_id = register_plan(plan)
 
     graph = gm.graph
