@@ -198,16 +198,25 @@ def layer_backward(
         if ref.kind == "tensor" and needs_grad[ref.index]
     ]
 
-    def accumulate(i: int, grad: Optional[torch.Tensor], start=None, end=None):
-        if grad is None:
-            return
-        index = plan.layer_inputs[i].index
-        if grads[index] is None:
-            grads[index] = torch.zeros_like(tensors[index])
-        target = grads[index]
-        if start is not None:
-            target = target.narrow(plan.query_slice_dims[i], start, end - start)
-        target.add_(grad)
+    def attach_leaves(args, whole_leaves):
+        """Put gradient-tracking leaves in ``args``: shared ones for whole inputs (weights),
+        fresh ones for the chunk's slices of sequence inputs."""
+        leaves = {i: whole_leaves[i] if i in whole_leaves else args[i].detach().requires_grad_() for i in wanted}
+        for i, leaf in leaves.items():
+            args[i] = leaf
+        return leaves
+
+    def accumulate(leaves, leaf_grads, start, end):
+        for i, grad in zip(leaves, leaf_grads):
+            if grad is None:
+                continue
+            index = plan.layer_inputs[i].index
+            if grads[index] is None:
+                grads[index] = torch.zeros_like(tensors[index])
+            target = grads[index]
+            if plan.query_slice_dims[i] is not None:
+                target = target.narrow(plan.query_slice_dims[i], start, end - start)
+            target.add_(grad)
 
     with _autograd_in_kernel():
         with torch.no_grad():
@@ -216,44 +225,29 @@ def layer_backward(
         whole_leaves = {
             i: values[i].detach().requires_grad_() for i in wanted if plan.query_slice_dims[i] is None
         }
+        n = len(values)
         for start, end in plan.chunks(full):
             args = plan.query_args(values, mask_values, key, value, start, end, full)
-            leaves = {}
-            for i in wanted:
-                if i in whole_leaves:
-                    leaves[i] = whole_leaves[i]
-                else:
-                    leaves[i] = args[i].detach().requires_grad_()
-                args[i] = leaves[i]
-            n = len(values)
+            leaves = attach_leaves(args, whole_leaves)
             key_prefix = args[n] = args[n].detach().requires_grad_()
             value_prefix = args[n + 1] = args[n + 1].detach().requires_grad_()
-            chunk_out = plan.query_graph(*args)
-            inputs = [key_prefix, value_prefix, *leaves.values()]
             chunk_grads = torch.autograd.grad(
-                chunk_out,
-                inputs,
+                plan.query_graph(*args),
+                [key_prefix, value_prefix, *leaves.values()],
                 grad_output.narrow(plan.output_seq_dim, start, end - start),
                 allow_unused=True,
             )
             for target, grad in ((grad_key, chunk_grads[0]), (grad_value, chunk_grads[1])):
                 if grad is not None:
                     target.narrow(plan.kv_seq_dim, 0, end).add_(grad)
-            for i, grad in zip(leaves, chunk_grads[2:]):
-                if i in whole_leaves:
-                    accumulate(i, grad)
-                else:
-                    accumulate(i, grad, start, end)
-            del chunk_out, chunk_grads, args, leaves
+            accumulate(leaves, chunk_grads[2:], start, end)
+            del chunk_grads, args, leaves
         # The prefix contributions: dK/dV through the K/V projections, once per layer (chunk
         # by chunk: the K/V computation is token-wise).
         del key, value
-        whole_leaves = {i: values[i].detach().requires_grad_() for i in wanted if plan.query_slice_dims[i] is None}
         for start, end in plan.kv_chunks(full):
             args = plan.sliced(values, start, end)
-            leaves = {i: whole_leaves[i] if i in whole_leaves else args[i].detach().requires_grad_() for i in wanted}
-            for i, leaf in leaves.items():
-                args[i] = leaf
+            leaves = attach_leaves(args, whole_leaves)
             key_chunk, value_chunk = plan.kv_graph(*args, full, end - start)
             kv_grads = torch.autograd.grad(
                 (key_chunk, value_chunk),
@@ -262,12 +256,13 @@ def layer_backward(
                  grad_value.narrow(plan.kv_seq_dim, start, end - start)),
                 allow_unused=True,
             )
-            for i, grad in zip(leaves, kv_grads):
-                if i in whole_leaves:
-                    accumulate(i, grad)
-                else:
-                    accumulate(i, grad, start, end)
-    return [g if g is not None else t.new_zeros(()) for g, t in zip(grads, tensors)]
+            accumulate(leaves, kv_grads, start, end)
+    # An input that needs a gradient but did not reach the output gets zeros of its shape, as
+    # the fake implementation promises.
+    return [
+        g if g is not None else (torch.zeros_like(t) if need else t.new_zeros(()))
+        for g, t, need in zip(grads, tensors, needs_grad)
+    ]
 
 
 # -- the custom ops ---------------------------------------------------------------------------
