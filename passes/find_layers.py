@@ -71,6 +71,15 @@ def region_of(path: str, nodes: list[fx.Node]) -> LayerRegion:
     return LayerRegion(path=path, nodes=nodes, inputs=inputs, outputs=outputs)
 
 
+def placeholders_for(graph: fx.Graph, values: list[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Placeholders in ``graph`` standing for ``values``, with their names and example values."""
+    env = {}
+    for value in values:
+        env[value] = graph.placeholder(value.name)
+        env[value].meta = dict(value.meta)
+    return env
+
+
 def extract_subgraph(inputs: list[fx.Node], nodes: list[fx.Node], outputs: list[fx.Node]) -> fx.GraphModule:
     """Copy ``nodes`` into a standalone GraphModule with ``inputs`` as placeholders.
 
@@ -78,11 +87,7 @@ def extract_subgraph(inputs: list[fx.Node], nodes: list[fx.Node], outputs: list[
     the subgraph reads like the original code.
     """
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for value in inputs:
-        placeholder = graph.placeholder(value.name)
-        placeholder.meta = dict(value.meta)
-        env[value] = placeholder
+    env = placeholders_for(graph, inputs)
     for node in nodes:
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))

@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from .attention import Attention, find_attention
 from .errors import CannotChunk, Reason
+from .find_layers import placeholders_for
 from .rescale import rescale_shape_arguments
 from .seq_dims import SeqDimAnalysis, UNKNOWN, op_name, shape_of
 
@@ -125,10 +126,7 @@ def _initial(placeholders, input_labels, rename):
 
 def _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dynamic):
     graph = fx.Graph()
-    env = {}
-    for p in placeholders:
-        env[p] = graph.placeholder(p.name)
-        env[p].meta = dict(p.meta)
+    env = placeholders_for(graph, placeholders)
     needed = set()
     stack = [attention.key, attention.value]
     while stack:
@@ -161,10 +159,7 @@ def _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dyn
 
 def _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim, is_seq_sized, dynamic):
     graph = fx.Graph()
-    env = {}
-    for p in placeholders:
-        env[p] = graph.placeholder(p.name)
-        env[p].meta = dict(p.meta)
+    env = placeholders_for(graph, placeholders)
     key_prefix = graph.placeholder("key_prefix")
     key_prefix.meta = dict(attention.key.meta)
     value_prefix = graph.placeholder("value_prefix")

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from .errors import CannotChunk, Reason
+from .find_layers import placeholders_for
 from .rescale import rescale_shape_arguments
 from .seq_dims import SeqDimAnalysis, UNKNOWN
 
@@ -63,10 +64,7 @@ def build_mask_builder(mask: fx.Node, outer_labels: dict, is_seq_sized) -> MaskB
 
     # 2. Copy the cone with each source narrowed to the chunk's rows or key prefix.
     graph = fx.Graph()
-    env = {}
-    for p in inputs:
-        env[p] = graph.placeholder(p.name)
-        env[p].meta = dict(p.meta)
+    env = placeholders_for(graph, inputs)
     full_len, q_start, q_len, kv_len = (graph.placeholder(n) for n in ("full_len", "q_start", "q_len", "kv_len"))
     chunk_labels = {}
     by_name = {n.name: n for n in cone}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -31,8 +31,10 @@ def _is_parameter_or_buffer(node: fx.Node, example_input) -> bool:
     return isinstance(example_input, torch.nn.Parameter) or "_buffers_" in node.name or "_parameters_" in node.name
 
 
-def sequence_labels(gm: fx.GraphModule, example_inputs, is_seq_sized) -> dict:
-    """Label ``"S"`` every dim of every value that runs along the sequence (lenient)."""
+def sequence_labels(gm: fx.GraphModule, example_inputs, is_seq_sized) -> tuple[dict, dict]:
+    """Label ``"S"`` every dim of every value that runs along the sequence (lenient).
+
+    Returns (labels by node, why a node could not be labelled)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     initial = {}
     for node, value in zip(placeholders, example_inputs):
@@ -67,7 +69,8 @@ class _GraphContext:
     chunk_size: int
     real_inputs: dict  # placeholder -> example input
     wrap_subgraph: Callable[[str, fx.GraphModule], Callable]
-    mask_builders: dict = dataclasses.field(default_factory=dict)  # mask node -> MaskBuilder
+    # mask node -> (MaskBuilder, its callable): one builder serves every layer using that mask
+    mask_builders: dict = dataclasses.field(default_factory=dict)
 
 
 _SEVERAL_OUTPUTS = (
@@ -141,8 +144,9 @@ def outline_layers(
     chunk_size,
     report: GraphReport,
     wrap_subgraph: Callable[[str, fx.GraphModule], Callable],
-) -> list[tuple[LayerDecision, Optional[LayerSplit]]]:
+) -> None:
     """Rewrite ``gm`` in place; ``wrap_subgraph(name, gm)`` turns each new subgraph into a callable.
+    Every layer's decision is appended to ``report``.
 
     ``chunk_size``: an int, or "auto" (resolved from the hidden size, see ``auto_chunk_size``).
     """
@@ -172,23 +176,20 @@ def outline_layers(
         wrap_subgraph=wrap_subgraph,
     )
 
-    results = []
     for region in regions:
         decision = LayerDecision(path=region.path, chunked=False)
         report.layers.append(decision)
         try:
-            results.append((decision, _outline_one(context, region, decision)))
+            _outline_one(context, region, decision)
         except CannotChunk as refusal:
             decision.reason, decision.detail = refusal.reason, refusal.detail
             log.info("streambp: %s not chunked: %s", region.path, refusal)
-            results.append((decision, None))
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    return results
 
 
-def _outline_one(context: _GraphContext, region: LayerRegion, decision: LayerDecision) -> LayerSplit:
+def _outline_one(context: _GraphContext, region: LayerRegion, decision: LayerDecision) -> None:
     gm, labels, wrap_subgraph = context.gm, context.labels, context.wrap_subgraph
     region = region_of(region.path, region.nodes)
     if len(region.outputs) != 1:
@@ -202,25 +203,28 @@ def _outline_one(context: _GraphContext, region: LayerRegion, decision: LayerDec
     split = split_layer(layer_gm, input_labels, context.is_seq_sized, context.dynamic)
 
     mask_node = region.inputs[split.mask_input] if split.mask_input is not None else None
-    builder = None
+    builder = run_builder = None
     if mask_node is not None:
         if mask_node not in context.mask_builders:
-            context.mask_builders[mask_node] = build_mask_builder(mask_node, labels, context.is_seq_sized)
-        builder = context.mask_builders[mask_node]
+            built = build_mask_builder(mask_node, labels, context.is_seq_sized)
+            context.mask_builders[mask_node] = (built, wrap_subgraph(f"{region.path}.mask", built.graph))
+        builder, run_builder = context.mask_builders[mask_node]
 
     # Arguments of the op: tensors and ints; the mask itself is rebuilt per chunk.
     tensors, ints = [], []
 
     def ref(node: fx.Node) -> InputRef:
         value = example(node)
-        if isinstance(value, torch.Tensor):
-            if node not in tensors:
-                tensors.append(node)
-            return InputRef("tensor", tensors.index(node))
-        if isinstance(value, (int, torch.SymInt)):
-            ints.append(node)
-            return InputRef("int", len(ints) - 1)
-        raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{node.name} is a {type(value).__name__}")
+        kind, values = (
+            ("tensor", tensors) if isinstance(value, torch.Tensor)
+            else ("int", ints) if isinstance(value, (int, torch.SymInt))
+            else (None, None)
+        )
+        if kind is None:
+            raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{node.name} is a {type(value).__name__}")
+        if node not in values:  # a value the layer and its mask builder share is passed once
+            values.append(node)
+        return InputRef(kind, values.index(node))
 
     layer_refs = [ref(n) if n is not mask_node else InputRef("mask", -1) for n in region.inputs]
     mask_refs = [ref(n) for n in builder.inputs] if builder else []
@@ -242,7 +246,7 @@ def _outline_one(context: _GraphContext, region: LayerRegion, decision: LayerDec
         mask_inputs=mask_refs,
         query_slice_dims=split.query_slice_dims,
         mask_input=split.mask_input,
-        mask_builder=wrap_subgraph(f"{name}.mask", builder.graph) if builder else None,
+        mask_builder=run_builder,
         kv_seq_dim=split.kv_seq_dim,
         output_seq_dim=split.output_seq_dim,
         output_like=like[0],
@@ -257,7 +261,8 @@ def _outline_one(context: _GraphContext, region: LayerRegion, decision: LayerDec
         call = graph.call_function(torch.ops.streambp.layer.default, (plan_id, list(tensors), list(ints)))
     call.meta = dict(output.meta)
     labels[call] = labels[output]
-    output.replace_all_uses_with(call, delete_user_cb=lambda user: user not in set(region.nodes))
+    members = set(region.nodes)
+    output.replace_all_uses_with(call, delete_user_cb=lambda user: user not in members)
     for node in reversed(region.nodes):
         if not node.users:
             graph.erase_node(node)
@@ -268,4 +273,3 @@ def _outline_one(context: _GraphContext, region: LayerRegion, decision: LayerDec
         else f"rebuilt per chunk (query sources {builder.query_sources}, key sources {builder.key_sources})"
     )
     decision.rescaled_arguments = split.rescaled_arguments
-    return split
