@@ -9,22 +9,20 @@ from transformers import AutoConfig, AutoModelForCausalLM
 VOCAB = 96
 
 # Small configs in each model family's own field names; dropout off (it cannot be replayed).
+# The small shape shared by the Llama-family configs below.
+SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
 ARCHITECTURES = {
-    "llama": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2),
-    "mistral": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, sliding_window=4),
-    "qwen2": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2),
-    "qwen3": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8),
+    "llama": SMALL,
+    "mistral": dict(SMALL, sliding_window=4),
+    "qwen2": SMALL,
+    "qwen3": dict(SMALL, head_dim=8),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, attn_pdrop=0.0, resid_pdrop=0.0,
                  embd_pdrop=0.0),
 }
 
 
 # Further causal decoders, in their own field names; the pass knows none of them by name.
-SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 MORE_ARCHITECTURES = {
     "gemma": dict(SMALL, head_dim=8),
     "gemma2": dict(SMALL, head_dim=8, sliding_window=4),  # eager attention only, soft-capping
@@ -135,3 +133,12 @@ def max_relative_error(reference: dict, candidate: dict) -> float:
         scale = max(ref.abs().max().item(), floor, torch.finfo(ref.dtype).tiny)
         worst = max(worst, (candidate[name] - ref).abs().max().item() / scale)
     return worst
+
+
+def assert_exact(model, compiled, inputs, tolerance):
+    """Loss and every parameter gradient of ``compiled`` equal eager autograd's within ``tolerance``."""
+    ref_loss, ref_grads = loss_and_grads(model, model, inputs)
+    loss, grads = loss_and_grads(model, compiled, inputs)
+    assert torch.allclose(loss, ref_loss, rtol=tolerance, atol=0), (loss, ref_loss)
+    error = max_relative_error(ref_grads, grads)
+    assert error <= tolerance, f"max relative gradient error {error:.3e}"

@@ -7,18 +7,10 @@ import pytest
 import torch
 
 import sbp_compiler
-from models import ARCHITECTURES, batch, build_model, float64_throughout, loss_and_grads, max_relative_error
+from models import ARCHITECTURES, assert_exact, batch, build_model, float64_throughout
 
 FLOAT64_TOLERANCE = 1e-10
 FLOAT32_TOLERANCE = 1e-5
-
-
-def assert_exact(model, compiled, inputs, tolerance):
-    ref_loss, ref_grads = loss_and_grads(model, model, inputs)
-    loss, grads = loss_and_grads(model, compiled, inputs)
-    assert torch.allclose(loss, ref_loss, rtol=tolerance, atol=0), (loss, ref_loss)
-    error = max_relative_error(ref_grads, grads)
-    assert error <= tolerance, f"max relative gradient error {error:.3e}"
 
 
 def compiled_frames() -> int:
