@@ -30,7 +30,7 @@ class LayerRegion:
 
 
 def _clean_path(path: str) -> str:
-    return re.sub(r"^L\['self'\]\.?", "", path).replace("._modules['", ".").replace("']", "")
+    return re.sub(r"^[LG]\['[^']*'\]\.?", "", path).replace("._modules['", ".").replace("']", "")
 
 
 def _layer_key(node: fx.Node):

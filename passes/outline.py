@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -22,6 +22,7 @@ from .errors import CannotChunk, Reason
 from .find_layers import LayerRegion, extract_subgraph, find_layer_regions, region_of
 from .layer_split import LayerSplit, split_layer
 from .mask import build_mask_builder
+from .probe import fabricate
 from .seq_dims import SeqDimAnalysis, UNKNOWN, example, seq_sized_predicate, size_hint
 
 log = logging.getLogger("sbp_compiler.passes.outline")
@@ -71,6 +72,7 @@ class _GraphContext:
     wrap_subgraph: Callable[[str, fx.GraphModule], Callable]
     # mask node -> (MaskBuilder, its callable): one builder serves every layer using that mask
     mask_builders: dict = dataclasses.field(default_factory=dict)
+    last_layer_output: Optional[fx.Node] = None  # the node now standing for it
 
 
 _SEVERAL_OUTPUTS = (
@@ -90,28 +92,11 @@ def _layer_output_example(regions: list[LayerRegion]) -> torch.Tensor:
     return out
 
 
-def _fabricate(node: fx.Node, real: dict):
-    """A real value to probe with: the example input if there is one, else random data."""
-    value = real[node] if node in real else example(node)
-    if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
-        return value
-    if isinstance(value, torch.SymInt):
-        return size_hint(value)
-    if not isinstance(value, torch.Tensor):
-        return value
-    shape = [size_hint(s) for s in value.shape]
-    if value.is_floating_point():
-        return torch.randn(shape, dtype=value.dtype)
-    if value.dtype == torch.bool:
-        return torch.ones(shape, dtype=torch.bool)
-    return torch.zeros(shape, dtype=value.dtype)
-
-
 def _probe(plan: LayerPlan, region: LayerRegion, mask_inputs: list, split: LayerSplit, real: dict, full: int):
     """Run the rewritten layer on small real chunks (random data where no example input exists):
     shapes and mask causality must hold."""
-    values = [_fabricate(n, real) for n in region.inputs]
-    mask_values = [_fabricate(n, real) for n in mask_inputs]
+    values = [fabricate(n, real) for n in region.inputs]
+    mask_values = [fabricate(n, real) for n in mask_inputs]
     try:
         with torch.no_grad():
             key, value = plan.key_value(values, full)
@@ -144,9 +129,10 @@ def outline_layers(
     chunk_size,
     report: GraphReport,
     wrap_subgraph: Callable[[str, fx.GraphModule], Callable],
-) -> None:
+) -> "_GraphContext":
     """Rewrite ``gm`` in place; ``wrap_subgraph(name, gm)`` turns each new subgraph into a callable.
-    Every layer's decision is appended to ``report``.
+    Every layer's decision is appended to ``report``. Returns what the head pass needs to know
+    about the graph, ``last_layer_output`` included.
 
     ``chunk_size``: an int, or "auto" (resolved from the hidden size, see ``auto_chunk_size``).
     """
@@ -180,16 +166,38 @@ def outline_layers(
         decision = LayerDecision(path=region.path, chunked=False)
         report.layers.append(decision)
         try:
-            _outline_one(context, region, decision)
+            context.last_layer_output = _outline_one(context, region, decision)
         except CannotChunk as refusal:
             decision.reason, decision.detail = refusal.reason, refusal.detail
             log.info("streambp: %s not chunked: %s", region.path, refusal)
+            outputs = region_of(region.path, region.nodes).outputs
+            context.last_layer_output = outputs[0] if len(outputs) == 1 else None
+    _label_last_output(context, regions)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
+    return context
 
 
-def _outline_one(context: _GraphContext, region: LayerRegion, decision: LayerDecision) -> None:
+def _label_last_output(context: _GraphContext, regions: list[LayerRegion]) -> None:
+    """If a refused layer left the stack's output unexplained, label it like the stack's input.
+
+    The head only needs to know which dim of the hidden state to chunk: a token-wise function of
+    it is exact chunked along any dim, whatever the layers before it did.
+    """
+    last = context.last_layer_output
+    if last is None or isinstance(context.labels.get(last), tuple):
+        return
+    out = example(last)
+    for node in regions[0].inputs:
+        value, labels = example(node), context.labels.get(node)
+        if (isinstance(value, torch.Tensor) and isinstance(labels, tuple) and labels.count("S") == 1
+                and value.shape == out.shape and value.dtype == out.dtype):
+            context.labels[last] = labels
+            return
+
+
+def _outline_one(context: _GraphContext, region: LayerRegion, decision: LayerDecision) -> fx.Node:
     gm, labels, wrap_subgraph = context.gm, context.labels, context.wrap_subgraph
     region = region_of(region.path, region.nodes)
     if len(region.outputs) != 1:
@@ -273,3 +281,4 @@ def _outline_one(context: _GraphContext, region: LayerRegion, decision: LayerDec
         else f"rebuilt per chunk (query sources {builder.query_sources}, key sources {builder.key_sources})"
     )
     decision.rescaled_arguments = split.rescaled_arguments
+    return call

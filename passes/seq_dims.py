@@ -31,7 +31,7 @@ UNKNOWN = "<unknown>"  # label value for a node lenient analysis could not expla
 # Ops that act elementwise with broadcasting (method names, function __name__s).
 POINTWISE = frozenset(
     """add sub mul truediv div floordiv mod neg pos pow rsqrt sqrt exp exp2 log log2 log1p expm1
-    tanh sigmoid silu gelu relu relu6 leaky_relu elu selu celu mish softplus hardswish hardsigmoid
+    tanh sigmoid logsigmoid silu gelu relu relu6 leaky_relu elu selu celu mish softplus hardswish hardsigmoid
     sin cos erf abs sign reciprocal square clamp clamp_min clamp_max clip maximum minimum
     to float double half bfloat16 long int short bool byte char type_as type contiguous clone
     detach where masked_fill
@@ -396,8 +396,7 @@ class SeqDimAnalysis:
             elif item is None:
                 out.append(None)
             elif isinstance(item, slice):
-                full = item == slice(None, None, None)
-                if not full:
+                if not _is_whole(item, shape_of(node.args[0])[dim]):
                     self._mix(node, labels[dim], "slices")
                 out.append(labels[dim])
                 dim += 1
@@ -501,11 +500,53 @@ class SeqDimAnalysis:
 
     _rule_concat = _rule_concatenate = _rule_cat
 
+    def _rule_cross_entropy(self, node):
+        logits, target = self.of(self._arg(node, 0, "input")), self.of(self._arg(node, 1, "target"))
+        if len(logits) != 2 or len(target) != 1:
+            raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: {op_name(node)} on {len(logits)}-d logits")
+        self._mix(node, logits[1], "reduces over classes")
+        weight = self._arg(node, 2, "weight")
+        if isinstance(weight, fx.Node):
+            self._mix(node, self.of(weight)[0], "weights classes")
+        per_token = self._merge(logits[0], target[0], node)
+        if self._arg(node, 6, "reduction", "mean") == "none":
+            return (per_token,)
+        self._mix(node, per_token, "reduces")
+        return ()
+
+    _rule_nll_loss = _rule_cross_entropy
+
+    def _rule_pad(self, node):
+        labels = self.of(node.args[0])
+        amounts = self._arg(node, 1, "pad")
+        for i in range(len(amounts) // 2):
+            if amounts[2 * i] or amounts[2 * i + 1]:
+                self._mix(node, labels[len(labels) - 1 - i], "pads")
+        return labels
+
+    def _rule_roll(self, node):
+        labels = self.of(node.args[0])
+        dims = self._arg(node, 2, "dims")
+        if dims is None or dims == ():  # rolls the flattened tensor
+            dims = range(len(labels))
+        for d in [dims] if isinstance(dims, int) else dims:
+            self._mix(node, labels[_normalise_dim(d, len(labels))], "rolls")
+        return labels
+
     def _rule_stack(self, node):
         out, dim = self._same_shape_inputs(node)
         out = list(out)
         out.insert(_normalise_dim(dim, len(out) + 1), None)
         return tuple(out)
+
+
+def _is_whole(item: slice, size) -> bool:
+    """Whether a slice keeps a whole dim (``x[:, 0:]`` is how HF keeps all logits)."""
+    if item.step not in (None, 1) or item.start not in (None, 0):
+        return False
+    if item.stop is None:
+        return True
+    return isinstance(item.stop, int) and not isinstance(size, torch.SymInt) and item.stop >= size
 
 
 def seq_sized_predicate(seq_len) -> Callable[[object], bool]:

@@ -17,7 +17,9 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
 from passes.errors import CannotChunk
+from passes.head import HeadContext, outline_head
 from passes.outline import outline_layers
+from passes.token_losses import split_token_losses
 
 from .config import StreamBPConfig
 from .report import GraphReport, new_report
@@ -76,16 +78,37 @@ def _subgraph_runner(config: StreamBPConfig, dump: _Dumper) -> Callable[[str, fx
     return wrap
 
 
+def _outline_head(config: StreamBPConfig, report: GraphReport, wrap, graph) -> None:
+    if graph.last_layer_output is None:
+        return
+    context = HeadContext(
+        gm=graph.gm, start=graph.last_layer_output, labels=graph.labels, is_seq_sized=graph.is_seq_sized,
+        dynamic=graph.dynamic, full_length=graph.full_length, real_inputs=graph.real_inputs, wrap_subgraph=wrap,
+    )
+    try:
+        outline_head(context, config.head_chunk_size, report.head)
+    except CannotChunk as refusal:
+        report.head.reason, report.head.detail = refusal.reason, refusal.detail
+        log.info("streambp: head not chunked: %s", refusal)
+
+
 def streambp(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None):
     """The backend: rewrite the decoder layers of ``gm`` for chunked backward, then compile."""
     config = StreamBPConfig.from_options(options)
     report = new_report(config.chunk_size)
     dump = _Dumper(config, report)
     dump("dynamo", gm)
+    wrap = _subgraph_runner(config, dump)
+    report.head.split_losses = split_token_losses(gm)
+    if report.head.split_losses:
+        dump("token_losses", gm)
     try:
-        outline_layers(gm, example_inputs, config.chunk_size, report, _subgraph_runner(config, dump))
+        graph = outline_layers(gm, example_inputs, config.chunk_size, report, wrap)
     except CannotChunk as refusal:
         report.fallback, report.fallback_detail = refusal.reason, refusal.detail
+    else:
+        dump("layers", gm)
+        _outline_head(config, report, wrap, graph)
     dump("streambp", gm)
     dump.text("report.txt", str(report))
     log.info("%s", report)

@@ -16,6 +16,10 @@ class StreamBPConfig:
                     SDPA converts it to float), so "auto" keeps it below one hidden state
                     (T x hidden x 4 bytes): the largest power of two <= 0.8 x hidden, within
                     [64, 1024]. Smaller chunks hold less memory and run more, smaller matmuls.
+    head_chunk_size: tokens per chunk of the LM head and loss, or "auto" (default): a
+                    chunk's widest value (its logits) holds about as many bytes as one
+                    full-length hidden state, in a power of two (64 tokens at T=8192, hidden
+                    256, vocabulary 32768 in float32).
     inner_compiler: "eager" runs the non-layer graph through AOTAutograd without code
                     generation (exact, no compile time); "inductor" generates code for it.
                     The chunk subgraphs run eagerly in both cases (for now).
@@ -24,14 +28,15 @@ class StreamBPConfig:
     """
 
     chunk_size: Union[int, str] = "auto"
+    head_chunk_size: Union[int, str] = "auto"
     inner_compiler: str = "eager"
     debug_dir: Optional[str] = None
 
     def __post_init__(self):
-        if self.chunk_size != "auto" and (
-            isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
-        ):
-            raise ValueError(f"streambp option chunk_size must be a positive int or 'auto', got {self.chunk_size!r}")
+        for name in ("chunk_size", "head_chunk_size"):
+            value = getattr(self, name)
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"streambp option {name} must be a positive int or 'auto', got {value!r}")
         if self.inner_compiler not in INNER_COMPILERS:
             raise ValueError(
                 f"streambp option inner_compiler must be one of {INNER_COMPILERS}, got {self.inner_compiler!r}"

@@ -29,12 +29,53 @@ class LayerDecision:
 
 
 @dataclasses.dataclass
+class HeadDecision:
+    """The LM head and loss after the last layer: chunked along the sequence, or why not."""
+
+    chunked: bool = False
+    reason: Optional[Reason] = None
+    detail: str = ""
+    chunk_size: object = None
+    split_losses: list[str] = dataclasses.field(default_factory=list)  # losses made per-token
+    nodes: list[str] = dataclasses.field(default_factory=list)  # the token-wise ops
+    widest: str = ""  # the widest value inside, with its shape
+    outputs: list[tuple] = dataclasses.field(default_factory=list)  # (name, shape, as wide as the widest)
+    stops: list[tuple] = dataclasses.field(default_factory=list)  # (op, why it stays outside)
+    rescaled_arguments: int = 0
+
+    @property
+    def whole_outputs(self) -> list[str]:
+        """Outputs as wide as the widest value (returned logits): they exist whole."""
+        return [name for name, _, wide in self.outputs if wide]
+
+    def __str__(self):
+        if not self.chunked:
+            return f"  head: NOT chunked: {self.reason.value}: {self.detail}" if self.reason else "  head: not analysed"
+        lines = [
+            f"  head: chunked along the sequence, chunk size {self.chunk_size}; {len(self.nodes)} token-wise ops, "
+            f"widest {self.widest}, {self.rescaled_arguments} shape arguments rescaled"
+        ]
+        if self.split_losses:
+            lines.append(f"    losses split into per-token losses and a sum: {', '.join(self.split_losses)}")
+        lines.append("    outputs: " + ", ".join(f"{name} {shape}" for name, shape, _ in self.outputs))
+        lines += [f"    ends at {name}: {why}" for name, why in self.stops]
+        for name in self.whole_outputs:
+            lines.append(
+                f"    WHOLE: {name} is as wide as the logits and leaves the head (returned to the caller, or "
+                "used by an op that is not token-wise), so it exists at full length; return only the loss "
+                "(see sbp_compiler.objectives) to keep it chunked"
+            )
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
 class GraphReport:
     graph_id: int
     chunk_size: object  # int once resolved; "auto" until the layers are known
     sequence_length: str = "?"  # the symbol (dynamic) or the value (static)
     dynamic: bool = False
     layers: list[LayerDecision] = dataclasses.field(default_factory=list)
+    head: HeadDecision = dataclasses.field(default_factory=HeadDecision)
     fallback: Optional[Reason] = None  # whole-graph fallback
     fallback_detail: str = ""
 
@@ -45,7 +86,8 @@ class GraphReport:
     @property
     def reasons(self) -> list[Reason]:
         found = [self.fallback] if self.fallback else []
-        return found + [layer.reason for layer in self.layers if not layer.chunked]
+        return found + [layer.reason for layer in self.layers if not layer.chunked] + (
+            [self.head.reason] if self.head.reason else [])
 
     def __str__(self):
         head = (f"streambp graph {self.graph_id}: sequence length {self.sequence_length} "
@@ -55,6 +97,7 @@ class GraphReport:
         if self.fallback:
             lines.append(f"  whole graph runs unchunked: {self.fallback.value}: {self.fallback_detail}")
         lines += [str(layer) for layer in self.layers]
+        lines.append(str(self.head))
         return "\n".join(lines)
 
 

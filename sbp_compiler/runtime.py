@@ -16,13 +16,14 @@ handle into ``PLANS``, since a custom op cannot take Python objects.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import logging
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from .chunked_autograd import InputGradients, autograd_in_kernel, grad_placeholders_fake, inputs_needing_grad
 
 log = logging.getLogger(__name__)
 
@@ -159,15 +160,6 @@ def check_lower_right_causal(mask: torch.Tensor, start: int, end: int, where: st
         )
 
 
-@contextlib.contextmanager
-def _autograd_in_kernel():
-    """Autograd inside a custom-op kernel, where the dispatcher has switched it off."""
-    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False), \
-            torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.ADInplaceOrView, False), \
-            torch.enable_grad():
-        yield
-
-
 def layer_forward(plan: LayerPlan, tensors: Sequence[torch.Tensor], ints: Sequence[int]) -> torch.Tensor:
     values, mask_values = plan.unpack(tensors, ints)
     plan.check_dropout(values)
@@ -191,7 +183,7 @@ def layer_backward(
 ) -> list[torch.Tensor]:
     values, mask_values = plan.unpack(tensors, ints)
     full = tensors[plan.output_like].shape[plan.output_seq_dim]
-    grads: list[Optional[torch.Tensor]] = [None] * len(tensors)
+    grads = InputGradients(tensors, needs_grad)
     # Layer inputs that receive gradients, by position in the layer's argument list.
     wanted = [
         i for i, ref in enumerate(plan.layer_inputs)
@@ -208,17 +200,9 @@ def layer_backward(
 
     def accumulate(leaves, leaf_grads, start, end):
         for i, grad in zip(leaves, leaf_grads):
-            if grad is None:
-                continue
-            index = plan.layer_inputs[i].index
-            if grads[index] is None:
-                grads[index] = torch.zeros_like(tensors[index])
-            target = grads[index]
-            if plan.query_slice_dims[i] is not None:
-                target = target.narrow(plan.query_slice_dims[i], start, end - start)
-            target.add_(grad)
+            grads.add(plan.layer_inputs[i].index, grad, plan.query_slice_dims[i], start, end)
 
-    with _autograd_in_kernel():
+    with autograd_in_kernel():
         with torch.no_grad():
             key, value = plan.key_value(values, full)
         grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
@@ -257,12 +241,7 @@ def layer_backward(
                 allow_unused=True,
             )
             accumulate(leaves, kv_grads, start, end)
-    # An input that needs a gradient but did not reach the output gets zeros of its shape, as
-    # the fake implementation promises.
-    return [
-        g if g is not None else (torch.zeros_like(t) if need else t.new_zeros(()))
-        for g, t, need in zip(grads, tensors, needs_grad)
-    ]
+    return grads.result()
 
 
 # -- the custom ops ---------------------------------------------------------------------------
@@ -290,14 +269,14 @@ def layer_backward_op(
 
 @layer_backward_op.register_fake
 def _layer_backward_fake(plan_id, tensors, ints, grad_output, needs_grad):
-    return [torch.empty_like(t) if need else t.new_zeros(()) for t, need in zip(tensors, needs_grad)]
+    return grad_placeholders_fake(tensors, needs_grad)
 
 
 def _setup_context(ctx, inputs, output):
     plan_id, tensors, ints = inputs
     ctx.plan_id = plan_id
     ctx.ints = ints
-    ctx.needs_grad = [t.requires_grad and (t.is_floating_point() or t.is_complex()) for t in tensors]
+    ctx.needs_grad = inputs_needing_grad(tensors)
     ctx.save_for_backward(*tensors)
 
 

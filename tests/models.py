@@ -87,13 +87,28 @@ def _rms_norm_variant(module: nn.Module):
     raise AssertionError(f"unrecognised RMSNorm {type(module).__name__}")
 
 
+def causal_lm_loss_in_logits_dtype(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
+                                   shift_labels=None, **kwargs):
+    """HF's ``ForCausalLMLoss`` step by step, without its cast of the logits to float32."""
+    if shift_labels is None:
+        labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
+        shift_labels = labels[..., 1:].contiguous()
+    logits = logits.view(-1, vocab_size)
+    shift_labels = shift_labels.view(-1)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = nn.functional.cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction=reduction)
+    return loss / num_items_in_batch if num_items_in_batch is not None else loss
+
+
 def float64_throughout(model: nn.Module) -> nn.Module:
-    """Replace this model's RMSNorms by ones that stay in float64 (test-local, no global patch)."""
+    """Make this model compute in float64 everywhere (test-local, no global patch): RMSNorms that
+    stay in the input dtype, and a loss without HF's float32 cast of the logits."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child).__name__.endswith("RMSNorm"):
                 eps, unit_offset = _rms_norm_variant(child)
                 setattr(module, child_name, ExactRMSNorm(child.weight, eps, unit_offset))
+    model.loss_function = causal_lm_loss_in_logits_dtype  # this instance only
     return model
 
 

@@ -1,0 +1,384 @@
+"""The LM head and loss, chunked along the sequence (DESIGN §1, last paragraph).
+
+After the last decoder layer a causal LM computes final norm -> lm_head -> [soft-capping,
+scaling] -> per-token quantities (cross-entropy, log p(token), logsumexp, entropy), then reduces
+them to the loss. The first part is token-wise and holds the widest tensors of training (the
+``[B, T, vocab]`` logits, their float copy, log-softmax and its gradient); the rest works on
+per-token values.
+
+Analysis (``find_head_region``): starting from the last layer's output, every op the strict
+sequence-dimension analysis proves token-wise joins the region; the first op that reduces,
+slices or otherwise mixes along the sequence ends it (its reason is kept for the report). Values
+the region reads from elsewhere (shifted labels, masks) are sliced per chunk; if their sequence
+dim is merged with the batch (``labels.view(-1)``), the view is copied into the region so the
+slice is taken before it. Region values used outside it are its outputs: per-token values, or the
+full logits when the caller gets them back (then they have to exist; the report says so).
+
+Rewriting (``outline_head``): the region becomes one ``streambp::head`` call, probed first on a
+short real example against the unchunked region.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import operator
+from typing import Callable, Optional
+
+import sympy
+import torch
+import torch.fx as fx
+
+from sbp_compiler.head_runtime import HeadPlan, OutputLayout, evaluate, head_forward
+from sbp_compiler.report import HeadDecision
+from sbp_compiler.runtime import InputRef, register_plan
+
+from .errors import CannotChunk, Reason
+from .find_layers import extract_subgraph
+from .probe import fabricate
+from .rescale import rescale_shape_arguments
+from .seq_dims import NON_TENSOR, SeqDimAnalysis, UNKNOWN, example, op_name, shape_of, size_hint
+
+log = logging.getLogger("sbp_compiler.passes.head")
+
+S = "S"
+# Ops that only re-view or convert a value: copied into the region to un-merge a sequence dim.
+SHAPE_ONLY = frozenset(
+    "view reshape flatten unflatten view_as reshape_as squeeze unsqueeze contiguous to float double "
+    "half bfloat16 long int clone detach".split()
+)
+VIEW_LIKE = frozenset("view reshape flatten unflatten view_as reshape_as squeeze unsqueeze".split())
+
+
+@dataclasses.dataclass
+class HeadRegion:
+    members: list[fx.Node]  # token-wise nodes after the layers, graph order; moved into the op
+    copied: list[fx.Node]  # shape-only producers of inputs, copied in (the originals stay)
+    inputs: list[fx.Node]
+    outputs: list[fx.Node]
+    labels: dict  # strict sequence labels of members and inputs
+    stops: list[tuple[str, str]]  # (node, why it stays outside) for users of region values
+
+
+def _descendants(start: fx.Node) -> set:
+    seen, stack = set(), [start]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def _has_seq(labels) -> bool:
+    if isinstance(labels, tuple):
+        return S in labels
+    if isinstance(labels, list):
+        return any(_has_seq(l) for l in labels)
+    return False
+
+
+def find_head_region(gm: fx.GraphModule, start: fx.Node, labels: dict, is_seq_sized, dynamic: bool, full_length: int) -> HeadRegion:
+    """``labels``: whole-graph sequence labels (``"S"``); ``start``: the last layer's output."""
+    after = _descendants(start)
+    order = [n for n in gm.graph.nodes if n in after]
+    initial = {n: l for n, l in labels.items() if n not in after}
+    strict = SeqDimAnalysis(is_seq_sized=is_seq_sized, refuse_unexplained=dynamic, lenient=True)
+    strict_labels = strict.run(order, initial)
+
+    members: list[fx.Node] = []
+    inside = {start}
+    for node in order:
+        if not any(a in inside for a in node.all_input_nodes):
+            continue
+        node_labels = strict_labels.get(node)
+        sized = op_name(node) in NON_TENSOR and node_labels is None
+        if _has_seq(node_labels) or sized:
+            members.append(node)
+            inside.add(node)
+    member_set = set(members)
+    if not any(isinstance(example(n), torch.Tensor) for n in members):
+        raise CannotChunk(Reason.HEAD_NOT_FOUND, f"no token-wise op uses {start.name}")
+
+    stops = []
+    for node in members:
+        for user in node.users:
+            if user in member_set or user.op == "output" or any(user.name == s for s, _ in stops):
+                continue
+            cause = strict.unknown_causes.get(user) or "has no sequence dim"
+            stops.append((user.name, cause))
+    for node in members:
+        if op_name(node) in NON_TENSOR and any(u not in member_set for u in node.users):
+            raise CannotChunk(Reason.HEAD_LAYOUT, f"{node.name} (a size of a head value) is used after the head")
+
+    copied, inputs = _region_inputs(members, start, strict_labels, full_length)
+    outputs = [n for n in members if any(u not in member_set for u in n.users)]
+    for node in outputs:
+        if not isinstance(example(node), torch.Tensor):
+            raise CannotChunk(Reason.HEAD_LAYOUT, f"{node.name} leaves the head and is not a tensor")
+    return HeadRegion(members, copied, inputs, outputs, strict_labels, stops)
+
+
+def _is_plain(node: fx.Node, labels, full_length: int) -> bool:
+    """A value whose only sequence dim is exactly the sequence length (not merged with others)."""
+    return (
+        isinstance(labels, tuple) and labels.count(S) == 1
+        and size_hint(shape_of(node)[labels.index(S)]) == full_length
+    )
+
+
+def _region_inputs(members, start, labels, full_length):
+    """(copied producers, inputs): every sequence input ends up plain, or the region is refused."""
+    member_set = set(members)
+    copied: list[fx.Node] = []
+    while True:
+        inputs = []
+        for node in copied + members:
+            for arg in node.all_input_nodes:
+                if arg not in member_set and arg not in copied and arg not in inputs:
+                    inputs.append(arg)
+        # A float read from a tensor (a lifted epsilon's ``.item()``) is computed in the region.
+        scalars = [n for n in inputs if isinstance(example(n), torch.SymFloat) and n.op != "placeholder"]
+        if scalars:
+            copied.extend(scalars)
+            continue
+        merged = [
+            n for n in inputs
+            if _has_seq(labels.get(n)) and not _is_plain(n, labels.get(n), full_length)
+        ]
+        if not merged:
+            return [n for n in start.graph.nodes if n in set(copied)], inputs
+        node = merged[0]
+        tensor_args = [a for a in node.all_input_nodes if isinstance(example(a), torch.Tensor)]
+        if op_name(node) not in SHAPE_ONLY or len(tensor_args) != 1:
+            raise CannotChunk(
+                Reason.HEAD_LAYOUT,
+                f"head input {node.name} {tuple(shape_of(node))} has its sequence dim merged with others",
+            )
+        copied.append(node)
+
+
+@dataclasses.dataclass
+class _Extracted:
+    gm: fx.GraphModule  # (*inputs, full_len, chunk_len) -> tuple of outputs
+    labels: dict
+    placeholders: list[fx.Node]
+    outputs: list[fx.Node]
+    rescaled: int
+
+
+def _extract(region: HeadRegion, outer_labels: dict, is_seq_sized, dynamic) -> _Extracted:
+    nodes = [n for n in region.inputs[0].graph.nodes if n in set(region.members) | set(region.copied)]
+    gm = extract_subgraph(region.inputs, nodes, region.outputs)
+    graph = gm.graph
+    output_node = next(n for n in graph.nodes if n.op == "output")
+    if len(region.outputs) == 1:  # always a tuple, whatever the number of outputs
+        output_node.args = ((output_node.args[0],),)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        full_len = graph.placeholder("full_len")
+    with graph.inserting_after(full_len):
+        chunk_len = graph.placeholder("chunk_len")
+    gm.recompile()
+    # The proof: the strict analysis over the extracted graph, refusing instead of lenient.
+    initial = {}
+    for p, node in zip(placeholders, region.inputs):
+        node_labels = region.labels.get(node, outer_labels.get(node))
+        if node_labels == UNKNOWN or (isinstance(node_labels, tuple) and node_labels.count(S) > 1):
+            raise CannotChunk(Reason.HEAD_LAYOUT, f"head input {node.name} has labels {node_labels}")
+        initial[p] = node_labels
+    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, refuse_unexplained=dynamic)
+    labels = analysis.run(list(graph.nodes), initial)
+    outputs = list(output_node.args[0])
+    for out in outputs:
+        if not isinstance(labels.get(out), tuple) or labels[out].count(S) != 1:
+            raise CannotChunk(Reason.HEAD_LAYOUT, f"head output {out.name} has sequence labels {labels.get(out)}")
+    rescaled = rescale_shape_arguments(gm, labels, {S: (full_len, chunk_len)})
+    return _Extracted(gm, labels, placeholders, outputs, rescaled)
+
+
+def _expr(size) -> sympy.Expr:
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
+
+
+def _layouts(extracted: _Extracted, seq_expr: sympy.Expr, full_length: int) -> dict:
+    """(dim, outer, inner) of every value's sequence dim: its size is outer x T x inner."""
+    layouts = {}
+    for node in extracted.gm.graph.nodes:
+        node_labels = extracted.labels.get(node)
+        if not isinstance(node_labels, tuple) or S not in node_labels or node.op == "output":
+            continue
+        if node_labels.count(S) != 1:
+            raise CannotChunk(Reason.HEAD_LAYOUT, f"{node.name} has two sequence dims")
+        dim = node_labels.index(S)
+        shape = [_expr(s) for s in shape_of(node)]
+        hints = [size_hint(s) for s in shape_of(node)]
+        if node.op == "placeholder" or hints[dim] == full_length:
+            layouts[node] = (dim, sympy.Integer(1), sympy.Integer(1))
+        elif op_name(node) in VIEW_LIKE:
+            source = node.args[0]
+            k, outer, inner = layouts[source]
+            source_shape = [_expr(s) for s in shape_of(source)]
+            # A view keeps the row-major order: the sequence index keeps its flat stride.
+            stride = inner * math.prod(source_shape[k + 1:])
+            new_inner = sympy.simplify(stride / math.prod(shape[dim + 1:]))
+            new_outer = sympy.simplify(shape[dim] / (seq_expr * new_inner))
+            for value in (new_inner, new_outer):
+                if sympy.fraction(sympy.together(value))[1] != 1:
+                    raise CannotChunk(Reason.HEAD_LAYOUT, f"{node.name}: sequence dim split by a view")
+            layouts[node] = (dim, new_outer, new_inner)
+        else:
+            found = {
+                layouts[a][1:] for a in node.all_input_nodes
+                if a in layouts and shape_of(a)[layouts[a][0]] == shape_of(node)[dim]
+            }
+            if len(found) != 1:
+                raise CannotChunk(Reason.HEAD_LAYOUT, f"{node.name}: cannot tell how its sequence dim is laid out")
+            layouts[node] = (dim, *found.pop())
+    return layouts
+
+
+def _token_bytes(node: fx.Node, full_length: int) -> int:
+    value = example(node)
+    if not isinstance(value, torch.Tensor):
+        return 0
+    return math.prod(size_hint(s) for s in value.shape) * value.element_size() // max(1, full_length)
+
+
+@dataclasses.dataclass
+class HeadContext:
+    gm: fx.GraphModule
+    start: fx.Node  # the last decoder layer's output
+    labels: dict
+    is_seq_sized: Callable
+    dynamic: bool
+    full_length: int
+    real_inputs: dict
+    wrap_subgraph: Callable[[str, fx.GraphModule], Callable]
+
+
+def outline_head(context: HeadContext, chunk_size, decision: HeadDecision) -> None:
+    """Rewrite the head region of ``context.gm`` into one ``streambp::head`` call, in place."""
+    region = find_head_region(
+        context.gm, context.start, context.labels, context.is_seq_sized, context.dynamic, context.full_length
+    )
+    decision.stops = region.stops
+    full = context.full_length
+    seq_inputs = [n for n in region.inputs if _has_seq(region.labels.get(n, context.labels.get(n)))]
+    token_bytes_in = max(_token_bytes(n, full) for n in seq_inputs)
+    widest = max(region.members, key=lambda n: _token_bytes(n, full))
+    if _token_bytes(widest, full) <= token_bytes_in:
+        raise CannotChunk(Reason.HEAD_NOT_WIDER, f"widest value {widest.name} is no wider than the head's input")
+    extracted = _extract(region, context.labels, context.is_seq_sized, context.dynamic)
+    seq_len = shape_of(context.start)[region.labels[context.start].index(S)]
+    layouts = _layouts(extracted, _expr(seq_len), full)
+
+    tensors, ints, refs = [], [], []
+    for node in region.inputs:
+        value = example(node)
+        kind, values = (("tensor", tensors) if isinstance(value, torch.Tensor)
+                        else ("int", ints) if isinstance(value, (int, torch.SymInt)) else (None, None))
+        if kind is None:
+            raise CannotChunk(Reason.HEAD_LAYOUT, f"head input {node.name} is a {type(value).__name__}")
+        refs.append(InputRef(kind, len(values)))
+        values.append(node)
+    seq_dims = [layouts[p][0] if p in layouts else None for p in extracted.placeholders]
+    symbol_sources = {}
+    for p, ref in zip(extracted.placeholders, refs):
+        if ref.kind == "tensor":
+            for dim, size in enumerate(shape_of(p)):
+                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                    symbol_sources.setdefault(size.node.expr, (ref.index, dim))
+    output_layouts, output_shapes = [], []
+    for out in extracted.outputs:
+        dim, outer, inner = layouts[out]
+        output_layouts.append(OutputLayout(dim, outer, inner))
+        output_shapes.append(tuple(_expr(s) for s in shape_of(out)))
+        try:  # every size the runtime computes must be known from the inputs' shapes
+            binding = {symbol: 1 for symbol in symbol_sources}
+            for size in (outer, inner, *output_shapes[-1]):
+                evaluate(size, binding)
+        except (KeyError, ValueError) as error:
+            raise CannotChunk(Reason.HEAD_LAYOUT, f"{out.name}: size not derived from the inputs: {error}") from None
+    start_ref = refs[region.inputs.index(context.start)]
+    name = "head"
+    plan = HeadPlan(
+        name=name,
+        graph=context.wrap_subgraph(name, extracted.gm),
+        inputs=refs,
+        input_seq_dims=seq_dims,
+        outputs=output_layouts,
+        output_shapes=output_shapes,
+        output_dtypes=[example(o).dtype for o in extracted.outputs],
+        symbol_sources=symbol_sources,
+        seq_input=start_ref.index,
+        chunk_size=chunk_size,
+        token_bytes_in=token_bytes_in,
+        token_bytes_widest=_token_bytes(widest, full),
+    )
+    _probe(plan, region, context)
+    plan_id = register_plan(plan)
+    _replace(context.gm, region, plan_id, tensors, ints)
+
+    decision.chunked = True
+    decision.nodes = [n.name for n in region.members if isinstance(example(n), torch.Tensor)]
+    decision.widest = f"{widest.name} {tuple(shape_of(widest))}"
+    decision.outputs = [
+        (n.name, tuple(shape_of(n)), _token_bytes(n, full) >= plan.token_bytes_widest)
+        for n in region.outputs
+    ]
+    decision.chunk_size = chunk_size if chunk_size != "auto" else (
+        f"auto (now {plan.chunk_length(full)} of {full} tokens)"
+    )
+    decision.rescaled_arguments = extracted.rescaled
+
+
+def _probe(plan: HeadPlan, region: HeadRegion, context: HeadContext) -> None:
+    """Run the chunked head on a short real example (random data where the graph has none) and
+    compare with the same region run whole: shapes and layouts must agree."""
+    length = min(context.full_length, 7)
+    arguments = [fabricate(n, context.real_inputs) for n in region.inputs]
+    arguments = [
+        a.narrow(d, 0, length).contiguous() if d is not None else a for a, d in zip(arguments, plan.input_seq_dims)
+    ]
+    tensors = [a for a, r in zip(arguments, plan.inputs) if r.kind == "tensor"]
+    ints = [a for a, r in zip(arguments, plan.inputs) if r.kind == "int"]
+    probe_plan = dataclasses.replace(plan, chunk_size=3)
+    try:
+        with torch.no_grad():
+            whole = plan.graph(*arguments, context.full_length, length)
+            chunked = head_forward(probe_plan, tensors, ints, stated_length=context.full_length)
+    except Exception as error:  # any failure here would be a failure at training time
+        raise CannotChunk(Reason.SHAPE_PROBE, f"head: {error!r}"[:500]) from None
+    for name, a, b in zip((n.name for n in region.outputs), whole, chunked):
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
+            raise CannotChunk(Reason.SHAPE_PROBE, f"head output {name}: chunked run differs from the whole region")
+
+
+def _replace(gm: fx.GraphModule, region: HeadRegion, plan_id: int, tensors: list, ints: list) -> None:
+    graph = gm.graph
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    last_input = max(region.inputs, key=position.__getitem__)
+    members = set(region.members)
+    first_use = min(
+        (position[u] for o in region.outputs for u in o.users if u not in members), default=len(position)
+    )
+    if position[last_input] >= first_use:
+        raise CannotChunk(Reason.HEAD_LAYOUT, f"{last_input.name} is computed after a head output is used")
+    with graph.inserting_after(last_input):
+        call = graph.call_function(torch.ops.streambp.head.default, (plan_id, list(tensors), list(ints)))
+    call.meta["example_value"] = [example(o) for o in region.outputs]
+    results, previous = [], call
+    for i, out in enumerate(region.outputs):
+        with graph.inserting_after(previous):
+            previous = graph.call_function(operator.getitem, (call, i))
+        previous.meta = dict(out.meta)
+        results.append(previous)
+    for out, item in zip(region.outputs, results):
+        out.replace_all_uses_with(item, delete_user_cb=lambda user: user not in members)
+    for node in reversed(region.members):
+        if not node.users:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()

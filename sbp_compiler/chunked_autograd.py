@@ -1,0 +1,56 @@
+"""Autograd inside a custom-op kernel, and gradients summed over chunks: what the layer and head
+ops' backward loops share."""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+
+
+@contextlib.contextmanager
+def autograd_in_kernel():
+    """Autograd inside a custom-op kernel, where the dispatcher has switched it off."""
+    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False), \
+            torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.ADInplaceOrView, False), \
+            torch.enable_grad():
+        yield
+
+
+class InputGradients:
+    """Full-size gradients of an op's tensor inputs, summed chunk by chunk.
+
+    A whole input (a weight) receives every chunk's gradient; a sequence input receives a
+    chunk's gradient in its ``[start, end)`` slice along its sequence dim.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], needs_grad: Sequence[bool]):
+        self.tensors = tensors
+        self.needs_grad = needs_grad
+        self.grads: list[Optional[torch.Tensor]] = [None] * len(tensors)
+
+    def add(self, index: int, grad: Optional[torch.Tensor], seq_dim: Optional[int] = None, start: int = 0, end: int = 0):
+        if grad is None:
+            return
+        if self.grads[index] is None:
+            self.grads[index] = torch.zeros_like(self.tensors[index])
+        target = self.grads[index]
+        if seq_dim is not None:
+            target = target.narrow(seq_dim, start, end - start)
+        target.add_(grad)
+
+    def result(self) -> list[torch.Tensor]:
+        """An input that needs a gradient but did not reach an output gets zeros of its shape, as
+        the fake implementations promise; the others get a placeholder scalar."""
+        return [
+            g if g is not None else (torch.zeros_like(t) if need else t.new_zeros(()))
+            for g, t, need in zip(self.grads, self.tensors, self.needs_grad)
+        ]
+
+
+def inputs_needing_grad(tensors: Sequence[torch.Tensor]) -> list[bool]:
+    return [t.requires_grad and (t.is_floating_point() or t.is_complex()) for t in tensors]
+
+
+def grad_placeholders_fake(tensors, needs) -> list[torch.Tensor]:
+    return [torch.empty_like(t) if need else t.new_zeros(()) for t, need in zip(tensors, needs)]

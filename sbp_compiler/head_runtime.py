@@ -1,0 +1,225 @@
+"""Runtime of the chunked LM head: ``streambp::head`` and its backward ``streambp::head_backward``.
+
+The head region (final norm -> lm_head -> per-token quantities, see ``passes/head.py``) is
+token-wise, so it runs chunk by chunk along the sequence: forward writes each chunk's outputs
+(per-token values such as log-probabilities or losses) into full-length buffers and keeps only
+the op's inputs; backward recomputes each chunk with gradient-tracking leaves and backprops that
+chunk's slice of the output gradients. The ``[B, T, vocab]`` logits exist one chunk at a time.
+
+An output's sequence dim may be merged with others (``[B*T]`` after ``view(-1)``): its layout is
+``outer x T x inner`` along that dim, with ``outer``/``inner`` sympy expressions in the graph's
+size symbols, bound at run time from the inputs' shapes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Sequence, Union
+
+import sympy
+import torch
+
+from .chunked_autograd import InputGradients, autograd_in_kernel, grad_placeholders_fake, inputs_needing_grad
+from .runtime import PLANS, InputRef
+
+
+@dataclasses.dataclass
+class OutputLayout:
+    dim: int  # the dim that runs along the sequence
+    outer: sympy.Expr  # size of the dims merged into it before the sequence
+    inner: sympy.Expr  # ... and after it
+
+
+@dataclasses.dataclass
+class HeadPlan:
+    name: str
+    graph: Callable  # (*inputs sliced to a chunk, full_len, chunk_len) -> tuple of output chunks
+    inputs: list[InputRef]  # "tensor" or "int"
+    input_seq_dims: list[Optional[int]]  # per input: the sequence dim, sliced to the chunk
+    outputs: list[OutputLayout]
+    output_shapes: list[tuple]  # sympy expressions of the full-length outputs' sizes
+    output_dtypes: list[torch.dtype]
+    symbol_sources: dict  # sympy symbol -> (tensor index, dim) whose size it is
+    seq_input: int  # index into tensors of an input whose ``input_seq_dims`` gives the length
+    chunk_size: Union[int, str]
+    token_bytes_in: int  # bytes per token of the widest sequence input (the hidden state)
+    token_bytes_widest: int  # bytes per token of the widest value inside the region
+
+    def arguments(self, tensors, ints):
+        return [tensors[r.index] if r.kind == "tensor" else ints[r.index] for r in self.inputs]
+
+    def length(self, tensors) -> int:
+        return tensors[self.seq_input].shape[self.input_seq_dims[self._seq_argument()]]
+
+    def _seq_argument(self) -> int:
+        return next(i for i, r in enumerate(self.inputs) if r.kind == "tensor" and r.index == self.seq_input)
+
+    def chunk_length(self, full: int) -> int:
+        """Tokens per chunk; "auto": a chunk's widest value holds about as many bytes as one
+        full-length hidden state (``T x hidden``), in a power of two."""
+        if self.chunk_size != "auto":
+            return max(1, min(full, self.chunk_size))
+        tokens = max(1, full * self.token_bytes_in // max(1, self.token_bytes_widest))
+        return max(1, min(full, 1 << (tokens.bit_length() - 1)))
+
+    def chunks(self, full: int):
+        size = self.chunk_length(full)
+        for start in range(0, full, size):
+            yield start, min(full, start + size)
+
+    def sliced(self, arguments, start, end):
+        # Contiguous, as the region may view them (``labels.view(-1)``): a chunk-sized copy.
+        return [
+            a if dim is None else a.narrow(dim, start, end - start).contiguous()
+            for a, dim in zip(arguments, self.input_seq_dims)
+        ]
+
+    def sizes(self, tensors) -> dict:
+        """Values of the size symbols in the outputs' shapes, read from the inputs' shapes
+        (symbolic sizes in the fake implementation)."""
+        return {symbol: tensors[index].shape[dim] for symbol, (index, dim) in self.symbol_sources.items()}
+
+    def output_view(self, tensor: torch.Tensor, layout: OutputLayout, binding: dict, length: int):
+        """``tensor`` with its sequence dim unmerged into (outer, length, inner)."""
+        outer, inner = evaluate(layout.outer, binding), evaluate(layout.inner, binding)
+        return tensor.unflatten(layout.dim, (outer, length, inner)), layout.dim + 1
+
+
+def evaluate(expr: sympy.Expr, binding: dict):
+    """A size expression (products and sums of size symbols) at the bound sizes, which may be
+    SymInts; raises ``ValueError`` for anything else."""
+    if expr.is_Integer:
+        return int(expr)
+    if expr.is_Symbol:
+        return binding[expr]
+    if expr.is_Add:
+        return sum((evaluate(a, binding) for a in expr.args), 0)
+    if expr.is_Mul:
+        result = 1
+        for a in expr.args:
+            result = result * evaluate(a, binding)
+        return result
+    if expr.is_Pow and expr.exp.is_Integer and expr.exp > 0:
+        return evaluate(expr.base, binding) ** int(expr.exp)
+    raise ValueError(f"size expression {expr} is not a polynomial in the sizes")
+
+
+def head_forward(
+    plan: HeadPlan, tensors: Sequence[torch.Tensor], ints: Sequence[int], stated_length: Optional[int] = None
+) -> list[torch.Tensor]:
+    """``stated_length``: the length the graph's shape arguments are stated at, if not the
+    inputs' (a probe runs a static graph on a shortened example)."""
+    arguments = plan.arguments(tensors, ints)
+    full = plan.length(tensors)
+    stated = stated_length or full
+    binding = plan.sizes(tensors)
+    outputs: Optional[list[torch.Tensor]] = None
+    with torch.no_grad():
+        for start, end in plan.chunks(full):
+            chunk_outputs = plan.graph(*plan.sliced(arguments, start, end), stated, end - start)
+            if outputs is None:
+                outputs = [_full_buffer(c, l, end - start, full) for c, l in zip(chunk_outputs, plan.outputs)]
+            for buffer, chunk, layout in zip(outputs, chunk_outputs, plan.outputs):
+                target, dim = plan.output_view(buffer, layout, binding, full)
+                source, _ = plan.output_view(chunk, layout, binding, end - start)
+                target.narrow(dim, start, end - start).copy_(source)
+    return outputs
+
+
+def _full_buffer(chunk: torch.Tensor, layout: OutputLayout, chunk_length: int, full: int) -> torch.Tensor:
+    shape = list(chunk.shape)
+    shape[layout.dim] = shape[layout.dim] // chunk_length * full
+    return chunk.new_empty(shape)
+
+
+def head_backward(
+    plan: HeadPlan,
+    tensors: Sequence[torch.Tensor],
+    ints: Sequence[int],
+    grad_outputs: Sequence[torch.Tensor],
+    needs_grad: Sequence[bool],
+) -> list[torch.Tensor]:
+    arguments = plan.arguments(tensors, ints)
+    full = plan.length(tensors)
+    binding = plan.sizes(tensors)
+    grads = InputGradients(tensors, needs_grad)
+    wanted = [i for i, r in enumerate(plan.inputs) if r.kind == "tensor" and needs_grad[r.index]]
+    with autograd_in_kernel():
+        whole_leaves = {
+            i: arguments[i].detach().requires_grad_() for i in wanted if plan.input_seq_dims[i] is None
+        }
+        for start, end in plan.chunks(full):
+            args = plan.sliced(arguments, start, end)
+            leaves = {i: whole_leaves[i] if i in whole_leaves else args[i].detach().requires_grad_() for i in wanted}
+            for i, leaf in leaves.items():
+                args[i] = leaf
+            chunk_outputs = plan.graph(*args, full, end - start)
+            differentiable, seeds = [], []
+            for output, grad, layout in zip(chunk_outputs, grad_outputs, plan.outputs):
+                if not output.requires_grad:
+                    continue
+                grad_view, dim = plan.output_view(grad, layout, binding, full)
+                differentiable.append(output)
+                seeds.append(grad_view.narrow(dim, start, end - start).reshape(output.shape))
+            if not differentiable:
+                continue
+            leaf_grads = torch.autograd.grad(differentiable, list(leaves.values()), seeds, allow_unused=True)
+            for i, grad in zip(leaves, leaf_grads):
+                grads.add(plan.inputs[i].index, grad, plan.input_seq_dims[i], start, end)
+            del leaf_grads, chunk_outputs, args, leaves
+    return grads.result()
+
+
+# -- the custom ops ---------------------------------------------------------------------------
+
+@torch.library.custom_op("streambp::head", mutates_args=())
+def head_op(plan_id: int, tensors: list[torch.Tensor], ints: list[int]) -> list[torch.Tensor]:
+    return head_forward(PLANS[plan_id], tensors, ints)
+
+
+@head_op.register_fake
+def _head_fake(plan_id, tensors, ints):
+    plan = PLANS[plan_id]
+    binding = plan.sizes(tensors)
+    device = tensors[plan.seq_input].device
+    return [
+        torch.empty([evaluate(size, binding) for size in shape], dtype=dtype, device=device)
+        for shape, dtype in zip(plan.output_shapes, plan.output_dtypes)
+    ]
+
+
+@torch.library.custom_op("streambp::head_backward", mutates_args=())
+def head_backward_op(
+    plan_id: int,
+    tensors: list[torch.Tensor],
+    ints: list[int],
+    grad_outputs: list[torch.Tensor],
+    needs_grad: list[bool],
+) -> list[torch.Tensor]:
+    return head_backward(PLANS[plan_id], tensors, ints, grad_outputs, needs_grad)
+
+
+@head_backward_op.register_fake
+def _head_backward_fake(plan_id, tensors, ints, grad_outputs, needs_grad):
+    return grad_placeholders_fake(tensors, needs_grad)
+
+
+def _setup_context(ctx, inputs, output):
+    plan_id, tensors, ints = inputs
+    ctx.plan_id, ctx.ints = plan_id, ints
+    ctx.needs_grad = inputs_needing_grad(tensors)
+    ctx.output_specs = [(o.shape, o.dtype, o.device) for o in output]
+    ctx.save_for_backward(*tensors)
+
+
+def _backward(ctx, grad_outputs):
+    # An output nobody differentiated (returned logits the loss does not use) gets zeros.
+    grad_outputs = [
+        g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+        for g, (shape, dtype, device) in zip(grad_outputs, ctx.output_specs)
+    ]
+    grads = torch.ops.streambp.head_backward(ctx.plan_id, list(ctx.saved_tensors), ctx.ints, grad_outputs, ctx.needs_grad)
+    ints_grad = None if ctx.ints else []
+    return None, [g if need else None for g, need in zip(grads, ctx.needs_grad)], ints_grad
+
+
+head_op.register_autograd(_backward, setup_context=_setup_context)
