@@ -22,6 +22,7 @@ class Reason(enum.Enum):
     DROPOUT = "dropout with p > 0 (random masks cannot be replayed exactly)"
     SHAPE_PROBE = "chunked layer failed the shape probe"
     SHORT_SEQUENCE = "sequence not longer than one chunk"
+    SEQUENCE_UNALIGNED = "a value meets the sequence axis without being known to run along it"
     HEAD_NOT_FOUND = "no token-wise head after the decoder layers"
     HEAD_NOT_WIDER = "nothing in the head is wider than its input"
     HEAD_LAYOUT = "a head input or output whose sequence layout is not understood"

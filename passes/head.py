@@ -79,12 +79,57 @@ def _has_seq(labels) -> bool:
 
 
 def find_head_region(gm: fx.GraphModule, start: fx.Node, labels: dict, is_seq_sized, dynamic: bool, full_length: int) -> HeadRegion:
-    """``labels``: whole-graph sequence labels (``"S"``); ``start``: the last layer's output."""
+    """``labels``: whole-graph sequence labels (``"S"``); ``start``: the last layer's output.
+
+    Values the whole-graph analysis could not relate to the sequence but that meet it in the
+    head (labels whose length is a dynamic size of its own) are labelled by that use, where it
+    is unambiguous; ``labels`` is updated. The runtime checks their length on every call."""
+    for _ in range(4):
+        region, strict = _find_head_region(gm, start, labels, is_seq_sized, dynamic, full_length)
+        if not any(_label_by_use(operand, dim, labels, is_seq_sized, full_length)
+                   for operand, dim in strict.unaligned.values()):
+            return region
+    return region
+
+
+def _label_by_use(operand: fx.Node, dim: int, labels: dict, is_seq_sized, full_length: int) -> bool:
+    """Label ``operand`` along the sequence at ``dim``, where a sequence axis needs it.
+
+    Walks back through shape-only ops to the value they view; if exactly one dim of it has the
+    sequence's length, that dim is labelled and the labels are propagated back down."""
+    chain = [operand]
+    while op_name(chain[-1]) in SHAPE_ONLY:
+        tensor_args = [a for a in chain[-1].all_input_nodes if isinstance(example(a), torch.Tensor)]
+        if len(tensor_args) != 1:
+            break
+        chain.append(tensor_args[0])
+    root = chain[-1]
+    shape = shape_of(root)
+    if shape is None or root.op == "output":
+        return False
+    candidates = [d for d, size in enumerate(shape) if size_hint(size) == full_length]
+    if len(candidates) != 1:
+        return False
+    root_labels = tuple(S if d == candidates[0] else None for d in range(len(shape)))
+    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized)
+    try:
+        found = analysis.run(list(reversed(chain[:-1])), {root: root_labels})
+    except CannotChunk:
+        return False
+    if not isinstance(found.get(operand), tuple) or found[operand][dim] != S:
+        return False
+    for node in chain:
+        labels[node] = found[node]
+    return True
+
+
+def _find_head_region(gm, start, labels, is_seq_sized, dynamic, full_length):
     after = _descendants(start)
     order = [n for n in gm.graph.nodes if n in after]
     initial = {n: l for n, l in labels.items() if n not in after}
-    strict = SeqDimAnalysis(is_seq_sized=is_seq_sized, refuse_unexplained=dynamic, lenient=True)
+    strict = SeqDimAnalysis(is_seq_sized=is_seq_sized, refuse_unexplained=dynamic, lenient=True, aligned_only=True)
     strict_labels = strict.run(order, initial)
+    strict.unaligned = {n: u for n, u in strict.unaligned.items() if u[0] not in after}
 
     members: list[fx.Node] = []
     inside = {start}
@@ -116,7 +161,7 @@ def find_head_region(gm: fx.GraphModule, start: fx.Node, labels: dict, is_seq_si
     for node in outputs:
         if not isinstance(example(node), torch.Tensor):
             raise CannotChunk(Reason.HEAD_LAYOUT, f"{node.name} leaves the head and is not a tensor")
-    return HeadRegion(members, copied, inputs, outputs, strict_labels, stops)
+    return HeadRegion(members, copied, inputs, outputs, strict_labels, stops), strict
 
 
 def _is_plain(node: fx.Node, labels, full_length: int) -> bool:
@@ -137,8 +182,12 @@ def _region_inputs(members, start, labels, full_length):
             for arg in node.all_input_nodes:
                 if arg not in member_set and arg not in copied and arg not in inputs:
                     inputs.append(arg)
-        # A float read from a tensor (a lifted epsilon's ``.item()``) is computed in the region.
-        scalars = [n for n in inputs if isinstance(example(n), torch.SymFloat) and n.op != "placeholder"]
+        # Scalars other than sizes (a lifted epsilon's ``.item()``, a ``torch.Size`` built from
+        # the length) are computed in the region, from their own inputs.
+        scalars = [
+            n for n in inputs
+            if n.op != "placeholder" and not isinstance(example(n), (torch.Tensor, int, torch.SymInt))
+        ]
         if scalars:
             copied.extend(scalars)
             continue
@@ -187,7 +236,7 @@ def _extract(region: HeadRegion, outer_labels: dict, is_seq_sized, dynamic) -> _
         if node_labels == UNKNOWN or (isinstance(node_labels, tuple) and node_labels.count(S) > 1):
             raise CannotChunk(Reason.HEAD_LAYOUT, f"head input {node.name} has labels {node_labels}")
         initial[p] = node_labels
-    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, refuse_unexplained=dynamic)
+    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, refuse_unexplained=dynamic, aligned_only=True)
     labels = analysis.run(list(graph.nodes), initial)
     outputs = list(output_node.args[0])
     for out in outputs:
@@ -203,6 +252,19 @@ def _expr(size) -> sympy.Expr:
 
 def _layouts(extracted: _Extracted, seq_expr: sympy.Expr, full_length: int) -> dict:
     """(dim, outer, inner) of every value's sequence dim: its size is outer x T x inner."""
+    # Inputs labelled by use may state the length with a symbol of their own; the runtime checks
+    # it equals the sequence's, so the layouts use the sequence's symbol throughout.
+    same_length = {}
+    for p in extracted.placeholders:
+        p_labels = extracted.labels.get(p)
+        if isinstance(p_labels, tuple) and S in p_labels:
+            size = _expr(shape_of(p)[p_labels.index(S)])
+            if size != seq_expr and isinstance(size, sympy.Symbol):
+                same_length[size] = seq_expr
+
+    def expr(size) -> sympy.Expr:
+        return _expr(size).xreplace(same_length)
+
     layouts = {}
     for node in extracted.gm.graph.nodes:
         node_labels = extracted.labels.get(node)
@@ -211,14 +273,14 @@ def _layouts(extracted: _Extracted, seq_expr: sympy.Expr, full_length: int) -> d
         if node_labels.count(S) != 1:
             raise CannotChunk(Reason.HEAD_LAYOUT, f"{node.name} has two sequence dims")
         dim = node_labels.index(S)
-        shape = [_expr(s) for s in shape_of(node)]
+        shape = [expr(s) for s in shape_of(node)]
         hints = [size_hint(s) for s in shape_of(node)]
         if node.op == "placeholder" or hints[dim] == full_length:
             layouts[node] = (dim, sympy.Integer(1), sympy.Integer(1))
         elif op_name(node) in VIEW_LIKE:
             source = node.args[0]
             k, outer, inner = layouts[source]
-            source_shape = [_expr(s) for s in shape_of(source)]
+            source_shape = [expr(s) for s in shape_of(source)]
             # A view keeps the row-major order: the sequence index keeps its flat stride.
             stride = inner * math.prod(source_shape[k + 1:])
             new_inner = sympy.simplify(stride / math.prod(shape[dim + 1:]))
@@ -230,7 +292,7 @@ def _layouts(extracted: _Extracted, seq_expr: sympy.Expr, full_length: int) -> d
         else:
             found = {
                 layouts[a][1:] for a in node.all_input_nodes
-                if a in layouts and shape_of(a)[layouts[a][0]] == shape_of(node)[dim]
+                if a in layouts and expr(shape_of(a)[layouts[a][0]]) == shape[dim]
             }
             if len(found) != 1:
                 raise CannotChunk(Reason.HEAD_LAYOUT, f"{node.name}: cannot tell how its sequence dim is laid out")

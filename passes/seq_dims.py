@@ -85,7 +85,9 @@ class SeqDimAnalysis:
     dims that no rule explains); ``source_mode`` turns such creations into fresh source labels
     (``frozenset({node.name})``) and merges labels by union, to find out which source reaches
     which axis of a value; ``refuse_unexplained`` refuses such creations instead (use it only
-    where sizes identify the sequence exactly: a dynamic length).
+    where sizes identify the sequence exactly: a dynamic length); ``aligned_only`` refuses an
+    operand dim that meets a sequence axis elementwise without being labelled with it (a region
+    whose inputs are sliced by their labels needs every such operand labelled).
     """
 
     def __init__(
@@ -96,14 +98,17 @@ class SeqDimAnalysis:
         source_mode: bool = False,
         refuse_unexplained: bool = False,
         lenient: bool = False,
+        aligned_only: bool = False,
     ):
         self.mixing_allowed = mixing_allowed
         self.is_seq_sized = is_seq_sized
         self.source_mode = source_mode
         self.refuse_unexplained = refuse_unexplained
         self.lenient = lenient
+        self.aligned_only = aligned_only
         self.labels: dict[fx.Node, object] = {}
         self.unknown_causes: dict[fx.Node, str] = {}  # lenient mode: why a node is UNKNOWN
+        self.unaligned: dict[fx.Node, tuple] = {}  # aligned_only: node -> (operand, dim) refused
 
     # -- public -----------------------------------------------------------------------------
     def run(self, nodes: Sequence[fx.Node], initial: dict[fx.Node, object]) -> dict[fx.Node, object]:
@@ -195,7 +200,26 @@ class SeqDimAnalysis:
             for i, label in enumerate(labels):
                 if label is not None and offset + i >= 0:
                     out[offset + i] = self._merge(out[offset + i], label, node)
+        if self.aligned_only:
+            for arg in args:
+                self._check_aligned(node, arg, out)
         return tuple(out)
+
+    def _check_aligned(self, node, arg, out_labels):
+        """An operand dim that meets a sequence axis must run along it too, or be broadcast (size
+        1): otherwise chunking would slice one and not the other."""
+        labels, shape = self.of(arg), shape_of(arg)
+        if not isinstance(labels, tuple) or shape is None:
+            return
+        offset = len(out_labels) - len(labels)
+        for i, label in enumerate(labels):
+            if label is None and offset + i >= 0 and out_labels[offset + i] is not None and size_hint(shape[i]) != 1:
+                self.unaligned[node] = (arg, i)
+                raise CannotChunk(
+                    Reason.SEQUENCE_UNALIGNED,
+                    f"{node.name} ({op_name(node)}): {arg.name} dim {i} {shape[i]} meets sequence axis "
+                    f"{out_labels[offset + i]} but is not known to run along it",
+                )
 
     # -- rules ------------------------------------------------------------------------------
     def _rule(self, node: fx.Node):
@@ -450,6 +474,10 @@ class SeqDimAnalysis:
         index = self.of(self._arg(node, 2, "index"))
         dim = _normalise_dim(self._arg(node, 1, "dim"), len(source))
         self._mix(node, source[dim], "gathers")
+        if self.aligned_only:
+            merged = tuple(self._merge(a, b, node) for a, b in zip(source, index))
+            self._check_aligned(node, self._arg(node, 0, "input"), merged)
+            self._check_aligned(node, self._arg(node, 2, "index"), merged)
         return tuple(
             self._merge(None if i == dim else source[i], index[i], node) for i in range(len(index))
         )
@@ -509,6 +537,9 @@ class SeqDimAnalysis:
         if isinstance(weight, fx.Node):
             self._mix(node, self.of(weight)[0], "weights classes")
         per_token = self._merge(logits[0], target[0], node)
+        if self.aligned_only:
+            self._check_aligned(node, self._arg(node, 0, "input"), (per_token, None))
+            self._check_aligned(node, self._arg(node, 1, "target"), (per_token,))
         if self._arg(node, 6, "reduction", "mean") == "none":
             return (per_token,)
         self._mix(node, per_token, "reduces")

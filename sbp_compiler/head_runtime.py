@@ -66,6 +66,15 @@ class HeadPlan:
         for start in range(0, full, size):
             yield start, min(full, start + size)
 
+    def check_lengths(self, arguments, full: int) -> None:
+        """Every sequence input must have the sequence's length (some are only known to by use)."""
+        for i, (a, dim) in enumerate(zip(arguments, self.input_seq_dims)):
+            if dim is not None and a.shape[dim] != full:
+                raise RuntimeError(
+                    f"streambp: input {i} of the LM head has length {a.shape[dim]} along dim {dim}, "
+                    f"but the sequence has {full} tokens"
+                )
+
     def sliced(self, arguments, start, end):
         # Contiguous, as the region may view them (``labels.view(-1)``): a chunk-sized copy.
         return [
@@ -110,6 +119,7 @@ def head_forward(
     inputs' (a probe runs a static graph on a shortened example)."""
     arguments = plan.arguments(tensors, ints)
     full = plan.length(tensors)
+    plan.check_lengths(arguments, full)
     stated = stated_length or full
     binding = plan.sizes(tensors)
     outputs: Optional[list[torch.Tensor]] = None

@@ -1,0 +1,161 @@
+"""The LM head and loss, chunked along the sequence: exact against eager autograd.
+
+Compiled functions here return only the loss, so the logits never leave the head and no
+``[B, T, vocab]`` value has to exist; the report says which ops were chunked and where the head
+ends. Float64 throughout (the test models' loss keeps float64, see ``float64_throughout``):
+<= 1e-10; float32: <= 1e-5.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sbp_compiler
+from models import ARCHITECTURES, assert_exact, batch, build_model, float64_throughout
+from passes.errors import Reason
+
+OPTIONS = {"chunk_size": 4, "head_chunk_size": 3}
+
+
+class LossOnly:
+    """``fn(**inputs)`` returning an object with ``.loss``, as ``assert_exact`` expects."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, **inputs):
+        return type("Output", (), {"loss": self.fn(**inputs)})
+
+
+def eager_and_compiled(fn):
+    return LossOnly(fn), LossOnly(torch.compile(fn, backend="streambp", options=OPTIONS))
+
+
+def compiled_loss(model, **extra):
+    def loss(**inputs):
+        return model(**inputs, **extra).loss
+
+    return eager_and_compiled(loss)
+
+
+def assert_head_chunked(report, whole=()):
+    assert report.head.chunked, report
+    assert report.head.whole_outputs == list(whole), report
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_labels_path_with_prompt_masking_padding_and_lengths(arch):
+    """HF's ``labels=`` path: label shift, -100 on the prompt and the padding, mean over valid
+    tokens; lengths 13 and 7 (not multiples of the head chunk) on one compiled function."""
+    model = float64_throughout(build_model(arch))
+    eager, compiled = compiled_loss(model)
+    for length in (13, 7):
+        assert_exact(model, compiled, batch(length, pad=3), 1e-10, eager)
+        assert_head_chunked(sbp_compiler.last_report())
+    assert sbp_compiler.last_report().head.split_losses  # the mean was split into a per-token sum
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_num_items_in_batch(arch):
+    """Gradient accumulation: the summed loss divided by the tokens of all micro-batches."""
+    model = float64_throughout(build_model(arch))
+    eager, compiled = compiled_loss(model, num_items_in_batch=torch.tensor(31))
+    assert_exact(model, compiled, batch(13, pad=3), 1e-10, eager)
+    assert_head_chunked(sbp_compiler.last_report())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_tied_embeddings(arch):
+    """lm_head shares the input embedding: the weight's gradient gets both contributions."""
+    model = float64_throughout(build_model(arch))
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    eager, compiled = compiled_loss(model)
+    assert_exact(model, compiled, batch(13, pad=3), 1e-10, eager)
+    assert_head_chunked(sbp_compiler.last_report())
+
+
+def test_final_logit_soft_capping_float64():
+    """Gemma-style ``tanh(logits / cap) * cap`` before the loss (Gemma 3 runs sdpa in float64)."""
+    model = float64_throughout(build_model("gemma3_text", final_logit_softcapping=2.0))
+    eager, compiled = compiled_loss(model)
+    assert_exact(model, compiled, batch(13, pad=3), 1e-10, eager)
+    assert_head_chunked(sbp_compiler.last_report())  # no whole output: the capping is inside
+
+
+@pytest.mark.parametrize("arch, overrides", [("gemma2", dict(final_logit_softcapping=2.0)), ("cohere", dict(logit_scale=0.5))])
+def test_soft_capping_and_logit_scale_float32(arch, overrides):
+    model = build_model(arch, dtype=torch.float32, **overrides)
+    eager, compiled = compiled_loss(model)
+    assert_exact(model, compiled, batch(13, pad=3), 1e-5, eager)
+    assert_head_chunked(sbp_compiler.last_report())
+
+
+def per_token_objective(model, input_ids, attention_mask, labels, use_cache):
+    """A user objective from the logits by per-token reductions over the vocabulary: temperature,
+    log-softmax + gather, logsumexp and entropy, combined over the valid tokens."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache).logits / 0.7
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    valid = targets != -100
+    log_p = logits.log_softmax(-1)
+    picked = log_p.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    z = logits.logsumexp(-1)
+    per_token = -picked + 0.1 * entropy + 1e-3 * z ** 2
+    return (per_token * valid).sum() / valid.sum()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_user_objective_from_logits(arch):
+    model = float64_throughout(build_model(arch))
+
+    eager, compiled = eager_and_compiled(lambda **inputs: per_token_objective(model, **inputs))
+    assert_exact(model, compiled, batch(13, pad=3), 1e-10, eager)
+    assert_head_chunked(sbp_compiler.last_report())
+
+
+def test_returned_logits_exist_and_the_report_says_so():
+    """Compiling the model itself returns the logits: they are made whole (the report says so),
+    the rest of the head stays chunked, and everything is exact."""
+    model = float64_throughout(build_model("llama"))
+    compiled = torch.compile(model, backend="streambp", options=OPTIONS)
+    assert_exact(model, compiled, batch(13, pad=3), 1e-10)
+    report = sbp_compiler.last_report()
+    assert_head_chunked(report, whole=["logits"])
+    assert "WHOLE: logits" in str(report)
+
+
+def test_slicing_the_logits_along_the_sequence_keeps_them_whole():
+    """``logits[:, :-1]`` (the usual shift) slices along the sequence: the head ends at the
+    logits, which are made whole; the slice and what follows run unchunked, exactly."""
+    model = float64_throughout(build_model("llama"))
+
+    def fn(input_ids, attention_mask, labels, use_cache):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    eager, compiled = eager_and_compiled(fn)
+    assert_exact(model, compiled, batch(13, pad=3), 1e-10, eager)
+    report = sbp_compiler.last_report()
+    assert_head_chunked(report, whole=["logits"])
+    assert any("slices" in why for _, why in report.head.stops), report
+
+
+def test_head_without_anything_wider_is_left_alone():
+    """A function that returns the last hidden state: nothing wide to chunk."""
+    model = float64_throughout(build_model("llama"))
+
+    def fn(input_ids, attention_mask, labels, use_cache):
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache).last_hidden_state
+        return (hidden ** 2).mean()
+
+    eager, compiled = eager_and_compiled(fn)
+    assert_exact(model, compiled, batch(13, pad=3), 1e-10, eager)
+    report = sbp_compiler.last_report()
+    assert not report.head.chunked and report.head.reason in (Reason.HEAD_NOT_WIDER, Reason.HEAD_NOT_FOUND), report
+
+
+def test_dynamic_lengths_and_batch():
+    model = float64_throughout(build_model("qwen3"))
+    eager, compiled = compiled_loss(model)
+    for length, batch_size in ((13, 2), (9, 3), (6, 1)):
+        assert_exact(model, compiled, batch(length, batch_size=batch_size, pad=2), 1e-10, eager)
+        assert_head_chunked(sbp_compiler.last_report())
