@@ -21,6 +21,7 @@ import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
@@ -226,7 +227,14 @@ def build_model(config, seed):
 
 
 def compile_streambp(model, args):
-    return torch.compile(model, backend=args.backend, options={"chunk_size": args.chunk_size})
+    """The model's training call under streambp, compiled as a function that returns only the loss:
+    the logits then never exist at full length (compiling the model itself would return them)."""
+
+    def loss(input_ids, labels, use_cache):
+        return model(input_ids=input_ids, labels=labels, use_cache=use_cache).loss
+
+    compiled = torch.compile(loss, backend=args.backend, options={"chunk_size": args.chunk_size})
+    return lambda **inputs: SimpleNamespace(loss=compiled(**inputs))
 
 
 def enable_activation_checkpointing(model):

@@ -24,7 +24,7 @@ class Reason(enum.Enum):
     SHORT_SEQUENCE = "sequence not longer than one chunk"
     SEQUENCE_UNALIGNED = "a value meets the sequence axis without being known to run along it"
     HEAD_NOT_FOUND = "no token-wise head after the decoder layers"
-    HEAD_NOT_WIDER = "nothing in the head is wider than its input"
+    HEAD_NOTHING_INSIDE = "the head computes no value that its outputs do not already hold"
     HEAD_LAYOUT = "a head input or output whose sequence layout is not understood"
 
 

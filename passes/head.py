@@ -329,8 +329,14 @@ def outline_head(context: HeadContext, chunk_size, decision: HeadDecision) -> No
     seq_inputs = [n for n in region.inputs if _has_seq(region.labels.get(n, context.labels.get(n)))]
     token_bytes_in = max(_token_bytes(n, full) for n in seq_inputs)
     widest = max(region.members, key=lambda n: _token_bytes(n, full))
-    if _token_bytes(widest, full) <= token_bytes_in:
-        raise CannotChunk(Reason.HEAD_NOT_WIDER, f"widest value {widest.name} is no wider than the head's input")
+    # Chunking pays when some value is computed inside and not returned: then it never exists
+    # at full length (the final norm, the logits, the log-softmax and their gradients).
+    inside = [
+        n for n in region.members
+        if n not in region.outputs and isinstance(example(n), torch.Tensor) and op_name(n) not in SHAPE_ONLY
+    ]
+    if not inside:
+        raise CannotChunk(Reason.HEAD_NOTHING_INSIDE, f"every value computed after {context.start.name} leaves the head")
     extracted = _extract(region, context.labels, context.is_seq_sized, context.dynamic)
     seq_len = shape_of(context.start)[region.labels[context.start].index(S)]
     layouts = _layouts(extracted, _expr(seq_len), full)

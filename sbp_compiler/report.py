@@ -61,9 +61,9 @@ class HeadDecision:
         lines += [f"    ends at {name}: {why}" for name, why in self.stops]
         for name in self.whole_outputs:
             lines.append(
-                f"    WHOLE: {name} is as wide as the logits and leaves the head (returned to the caller, or "
-                "used by an op that is not token-wise), so it exists at full length; return only the loss "
-                "(see sbp_compiler.objectives) to keep it chunked"
+                f"    WHOLE: {name} is the head's widest value and leaves it (returned to the caller, or used "
+                "by an op that is not token-wise), so it exists at full length; return only the loss (see "
+                "sbp_compiler.objectives) to keep it chunked"
             )
         return "\n".join(lines)
 
