@@ -85,9 +85,9 @@ class GraphReport:
 
     @property
     def reasons(self) -> list[Reason]:
+        """Why layers (or the whole graph) run unchunked; the head's reason is ``head.reason``."""
         found = [self.fallback] if self.fallback else []
-        return found + [layer.reason for layer in self.layers if not layer.chunked] + (
-            [self.head.reason] if self.head.reason else [])
+        return found + [layer.reason for layer in self.layers if not layer.chunked]
 
     def __str__(self):
         head = (f"streambp graph {self.graph_id}: sequence length {self.sequence_length} "
