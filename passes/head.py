@@ -355,7 +355,7 @@ def outline_head(context: HeadContext, chunk_size, decision: HeadDecision) -> No
     for p, ref in zip(extracted.placeholders, refs):
         if ref.kind == "tensor":
             for dim, size in enumerate(shape_of(p)):
-                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                if isinstance(size, torch.SymInt):
                     symbol_sources.setdefault(size.node.expr, (ref.index, dim))
     output_layouts, output_shapes = [], []
     for out in extracted.outputs:

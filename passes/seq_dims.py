@@ -18,9 +18,11 @@ are only used to recognise where a sequence axis is created (``arange(T)``) in `
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Hashable, Optional, Sequence
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -180,7 +182,9 @@ class SeqDimAnalysis:
         fresh = list(labels)
         for i, size in enumerate(shape):
             if fresh[i] is None and self.is_seq_sized(size):
-                if self.source_mode and op_name(node) in CREATION:
+                # A sequence axis starts here: at a creation (``arange(T)``), or, where sizes are
+                # symbolic and so exact, at any op (padding two batches to one length).
+                if self.source_mode and (op_name(node) in CREATION or isinstance(size, torch.SymInt)):
                     fresh[i] = frozenset({node.name})
                 elif self.refuse_unexplained:
                     raise CannotChunk(
@@ -528,6 +532,12 @@ class SeqDimAnalysis:
 
     _rule_concat = _rule_concatenate = _rule_cat
 
+    def _rule_ones_like(self, node):
+        """A new tensor shaped like its input: its dims run where the input's do."""
+        return self.of(node.args[0])
+
+    _rule_zeros_like = _rule_full_like = _rule_empty_like = _rule_rand_like = _rule_randn_like = _rule_ones_like
+
     def _rule_cross_entropy(self, node):
         logits, target = self.of(self._arg(node, 0, "input")), self.of(self._arg(node, 1, "target"))
         if len(logits) != 2 or len(target) != 1:
@@ -587,10 +597,18 @@ def seq_sized_predicate(seq_len) -> Callable[[object], bool]:
     the value is known, which is why the caller uses this for sources and safety checks only.
     """
     if isinstance(seq_len, torch.SymInt):
-        symbol = seq_len.node.expr
+        length = seq_len.node.expr
+        if isinstance(length, sympy.Symbol):
+            def is_seq_sized(size) -> bool:
+                return isinstance(size, torch.SymInt) and length in size.node.expr.free_symbols
 
-        def is_seq_sized(size) -> bool:
-            return isinstance(size, torch.SymInt) and symbol in size.node.expr.free_symbols
+            return is_seq_sized
 
-        return is_seq_sized
+        # A length computed from sizes (``Max(s1, s2)`` after padding two batches to one length):
+        # a size is sequence-sized if it is the length times a factor free of its symbols.
+        @functools.lru_cache(maxsize=None)
+        def is_multiple(expr) -> bool:
+            return expr == length or not (sympy.simplify(expr / length).free_symbols & length.free_symbols)
+
+        return lambda size: isinstance(size, torch.SymInt) and is_multiple(size.node.expr)
     return lambda size: isinstance(size, int) and size == seq_len and seq_len > 1

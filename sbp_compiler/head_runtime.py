@@ -38,7 +38,7 @@ class HeadPlan:
     outputs: list[OutputLayout]
     output_shapes: list[tuple]  # sympy expressions of the full-length outputs' sizes
     output_dtypes: list[torch.dtype]
-    symbol_sources: dict  # sympy symbol -> (tensor index, dim) whose size it is
+    symbol_sources: dict  # size expression (a symbol, or Max(..) of them) -> (tensor index, dim) of that size
     seq_input: int  # index into tensors of an input whose ``input_seq_dims`` gives the length
     chunk_size: Union[int, str]
     token_bytes_in: int  # bytes per token of the widest sequence input (the hidden state)
@@ -94,12 +94,12 @@ class HeadPlan:
 
 
 def evaluate(expr: sympy.Expr, binding: dict):
-    """A size expression (products and sums of size symbols) at the bound sizes, which may be
-    SymInts; raises ``ValueError`` for anything else."""
+    """A size expression (sums, products, max and min of size symbols) at the bound sizes, which
+    may be SymInts; raises ``ValueError`` for anything else."""
+    if expr in binding:
+        return binding[expr]
     if expr.is_Integer:
         return int(expr)
-    if expr.is_Symbol:
-        return binding[expr]
     if expr.is_Add:
         return sum((evaluate(a, binding) for a in expr.args), 0)
     if expr.is_Mul:
@@ -109,6 +109,13 @@ def evaluate(expr: sympy.Expr, binding: dict):
         return result
     if expr.is_Pow and expr.exp.is_Integer and expr.exp > 0:
         return evaluate(expr.base, binding) ** int(expr.exp)
+    if type(expr).__name__ in ("Max", "Min"):  # sympy's or torch's own (torch.utils._sympy)
+        pick = torch.sym_max if type(expr).__name__ == "Max" else torch.sym_min
+        values = [evaluate(a, binding) for a in expr.args]
+        result = values[0]
+        for value in values[1:]:
+            result = pick(result, value)
+        return result
     raise ValueError(f"size expression {expr} is not a polynomial in the sizes")
 
 

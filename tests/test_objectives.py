@@ -193,3 +193,19 @@ def test_bad_loss_types_are_clear_errors(model):
         objectives.grpo_loss(model, ids, completion, torch.zeros(2), attention, beta=0.1)
     with pytest.raises(ValueError, match="reference_model"):
         objectives.dpo_loss(model, ids, ids, completion, completion)
+
+
+def test_dpo_without_attention_masks_on_new_lengths(model):
+    """No attention masks (``ones_like``), and new lengths on the same compiled step: the padded
+    common length is then ``Max`` of two dynamic sizes, which the analysis follows."""
+    step = torch.compile(
+        lambda c, r: objectives.dpo_loss(model, c[0], r[0], c[2], r[2], ref_chosen_logps=ref, ref_rejected_logps=ref).loss,
+        backend="streambp", options=OPTIONS)
+    ref = torch.tensor([-30.0, -35.0], dtype=torch.float64)
+    for seed, (chosen_length, rejected_length) in enumerate([(13, 9), (11, 12), (10, 10)]):
+        chosen = sequences([chosen_length] * 2, prompt=3, seed=10 + seed)
+        rejected = sequences([rejected_length] * 2, prompt=3, seed=20 + seed)
+        ones = (torch.ones_like(chosen[0]), torch.ones_like(rejected[0]))
+        assert_matches(model, lambda: reference_dpo(model, (chosen[0], ones[0], chosen[2]), (rejected[0], ones[1], rejected[2]),
+                                                    ref, ref, 0.1, "sigmoid", 0.0),
+                       lambda: step(chosen, rejected))

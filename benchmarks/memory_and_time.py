@@ -1,0 +1,229 @@
+"""Peak memory and step time against sequence length, per training method and objective.
+
+    python benchmarks/memory_and_time.py                         # defaults: 1k..8k tokens
+    python benchmarks/memory_and_time.py --lengths 1024 2048 4096 8192 16384 --objectives sft
+    python benchmarks/memory_and_time.py --budget-mb 1024        # + longest length under 1 GiB
+
+Methods, on the same model and data:
+  eager           plain PyTorch autograd
+  checkpointing   HF activation checkpointing (``activation_checkpointing_enable``, non-reentrant)
+  budget0         ``torch._functorch.config.activation_memory_budget = 0`` with Inductor
+                  (set for this run only, restored afterwards)
+  streambp        ``torch.compile(step, backend="streambp")``
+
+Objectives (``sbp_compiler.objectives``): ``sft`` (the HF ``labels=`` path), ``dpo`` (pairs of
+sequences of the given length) and ``grpo`` (completions of the given length). The model is a
+small Qwen3-shaped config with a vocabulary large relative to its width, as in real models.
+
+Peak memory: the profiler method of DESIGN §2 (deterministic). Step time: the median of
+``--repeats`` timed steps after a warm-up; ratios are taken within this run. Memory grows
+linearly in T for every method, so the longest length under a budget is extrapolated from a
+least-squares line through the measured peaks (``--budget-mb``), and the ratio of each method's
+longest length to checkpointing's is reported. Output: a markdown table on stdout and, with
+``--json``, every measurement as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config
+
+from sbp_compiler import objectives
+from sbp_compiler.profiling import measure_peak_memory, time_step
+
+METHODS = ("eager", "checkpointing", "budget0", "streambp")
+OBJECTIVES = ("sft", "dpo", "grpo")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=32768)
+    parser.add_argument("--repeats", type=int, default=1, help="timed steps per point (median)")
+    parser.add_argument("--time-at", type=int, default=None, help="time steps only at this length (default: the shortest)")
+    parser.add_argument("--budget-mb", type=float, default=None, help="report the longest length under this peak")
+    parser.add_argument("--json", default=None, help="write all measurements to this file")
+    return parser.parse_args(argv)
+
+
+def build_model(args, seed=0):
+    torch.manual_seed(seed)
+    heads = max(1, args.hidden_size // 64)
+    config = Qwen3Config(
+        vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=3 * args.hidden_size,
+        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        head_dim=64, max_position_embeddings=2 * max(args.lengths), attn_implementation="sdpa",
+    )
+    return AutoModelForCausalLM.from_config(config).train()
+
+
+# -- objectives: (inputs for a length) and (loss from model and inputs) -----------------------------
+
+def make_inputs(objective, length, vocab, generator):
+    ids = torch.randint(0, vocab, (2 if objective != "sft" else 1, length), generator=generator)
+    completion = torch.ones_like(ids)
+    completion[:, : length // 4] = 0
+    if objective == "sft":
+        return dict(input_ids=ids, labels=torch.where(completion.bool(), ids, -100))
+    if objective == "dpo":
+        rejected = torch.randint(0, vocab, ids.shape, generator=generator)
+        return dict(chosen=ids, rejected=rejected, completion=completion,
+                    ref_c=-torch.rand(2, generator=generator) * length, ref_r=-torch.rand(2, generator=generator) * length)
+    return dict(input_ids=ids, completion=completion, advantages=torch.randn(2, generator=generator),
+                ref_logps=-torch.rand(ids.shape, generator=generator) * 10)
+
+
+def loss_of(objective, model, inputs):
+    if objective == "sft":
+        return model(input_ids=inputs["input_ids"], labels=inputs["labels"], use_cache=False).loss
+    if objective == "dpo":
+        return objectives.dpo_loss(
+            model, inputs["chosen"], inputs["rejected"], inputs["completion"], inputs["completion"],
+            ref_chosen_logps=inputs["ref_c"], ref_rejected_logps=inputs["ref_r"]).loss
+    return objectives.grpo_loss(model, inputs["input_ids"], inputs["completion"], inputs["advantages"],
+                                ref_logps=inputs["ref_logps"], beta=0.04)
+
+
+@contextlib.contextmanager
+def method_context(method, model):
+    """Set a method up on ``model`` for the duration, and restore everything afterwards."""
+    if method == "checkpointing":
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            yield
+        finally:
+            model.activation_checkpointing_disable()
+    elif method == "budget0":
+        import torch._functorch.config as functorch_config
+
+        with functorch_config.patch(activation_memory_budget=0.0):
+            yield
+    else:
+        yield
+
+
+def step_function(method, objective, model):
+    def loss(inputs):
+        return loss_of(objective, model, inputs)
+
+    if method == "streambp":
+        return torch.compile(loss, backend="streambp")
+    if method == "budget0":
+        return torch.compile(loss, backend="inductor", dynamic=True)
+    return loss
+
+
+@dataclass
+class Point:
+    method: str
+    objective: str
+    length: int
+    peak_bytes: int | None
+    step_seconds: float | None
+    failure: str | None = None
+
+
+def measure(args, method, objective) -> list[Point]:
+    model = build_model(args)
+    points = []
+    time_at = args.time_at or min(args.lengths)
+    with method_context(method, model):
+        step_loss = step_function(method, objective, model)
+        for length in args.lengths:
+            inputs = make_inputs(objective, length, args.vocab_size, torch.Generator().manual_seed(length))
+
+            def step():
+                model.zero_grad(set_to_none=True)
+                step_loss(inputs).backward()
+
+            print(f"  {method:<13} {objective:<5} T={length}", file=sys.stderr, flush=True)
+            try:
+                step()  # warm-up: compilation, lazy initialisation
+            except Exception as error:  # a method that cannot run this objective: reported, not fatal
+                reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120]}"
+                print(f"    failed: {reason}", file=sys.stderr, flush=True)
+                return [Point(method, objective, length, None, None, reason)]
+            seconds = statistics.median(time_step(step, args.repeats)) if length == time_at else None
+            _, peak = measure_peak_memory(step)
+            points.append(Point(method, objective, length, peak, seconds))
+    return points
+
+
+def linear_fit(points):
+    """(bytes per token, bytes at T=0) by least squares over the measured peaks."""
+    xs = [p.length for p in points]
+    ys = [p.peak_bytes for p in points]
+    mean_x, mean_y = statistics.mean(xs), statistics.mean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    return slope, mean_y - slope * mean_x
+
+
+def markdown(args, points, fits):
+    mb = 2 ** 20
+    lines = [f"Peak memory (MB) of one training step; {describe(args)}", ""]
+    for objective in args.objectives:
+        lines += [f"**{objective}**", "", "| tokens | " + " | ".join(args.methods) + " |",
+                  "|---:|" + "---:|" * len(args.methods)]
+        for length in args.lengths:
+            row = [next((f"{p.peak_bytes / mb:.1f}" if p.peak_bytes else "failed" for p in points
+                         if p.method == m and p.objective == objective and p.length == length), "-") for m in args.methods]
+            lines.append(f"| {length} | " + " | ".join(row) + " |")
+        lines += [f"{p.method} failed: {p.failure}" for p in points if p.objective == objective and p.failure]
+        timed = {p.method: p.step_seconds for p in points if p.objective == objective and p.step_seconds}
+        if "checkpointing" in timed:
+            base = timed["checkpointing"]
+            lines += ["", f"Step time at T={args.time_at or min(args.lengths)} (ratio to checkpointing): " + ", ".join(
+                f"{m} {timed[m]:.2f} s ({timed[m] / base:.2f}x)" for m in args.methods if m in timed)]
+        if args.budget_mb and objective in fits:
+            budget = args.budget_mb * mb
+            longest = {m: int((budget - b) / a) for m, (a, b) in fits[objective].items() if a > 0}
+            base = longest.get("checkpointing")
+            lines += ["", f"Longest sequence under {args.budget_mb:.0f} MB (linear fit of the peaks): " + ", ".join(
+                f"{m} {t}" + (f" ({t / base:.1f}x checkpointing)" if base else "") for m, t in longest.items())]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def describe(args):
+    return (f"Qwen3-shaped, {args.layers} layers, hidden {args.hidden_size}, vocabulary {args.vocab_size}; "
+            f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    points = []
+    started = time.perf_counter()
+    for objective in args.objectives:
+        for method in args.methods:
+            points += measure(args, method, objective)
+    fits = {}
+    for objective in args.objectives:
+        fits[objective] = {}
+        for method in args.methods:
+            measured = [p for p in points if p.method == method and p.objective == objective and p.peak_bytes]
+            if len(measured) >= 2:
+                fits[objective][method] = linear_fit(measured)
+    print(markdown(args, points, fits))
+    print(f"(measured in {time.perf_counter() - started:.0f} s; command: python benchmarks/memory_and_time.py "
+          + " ".join(sys.argv[1:] if argv is None else argv) + ")")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"setup": describe(args), "points": [asdict(p) for p in points],
+                       "fits_bytes_per_token_and_intercept": fits}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
