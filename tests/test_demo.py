@@ -2,18 +2,26 @@
 that run in seconds."""
 
 import importlib.util
+import json
 import re
+import sys
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def load_example(name):
-    # examples/ is not a package, so the script is loaded from its path.
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+def load_script(path):
+    # examples/ and benchmarks/ are not packages, so a script is loaded from its path (and
+    # registered, as dataclasses look their module up).
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_example(name):
+    return load_script(EXAMPLES / f"{name}.py")
 
 
 def load_demo():
@@ -58,3 +66,15 @@ def test_dpo_and_grpo_steps(capsys):
     # Both objectives ran under streambp and eagerly, with equal losses (the script checks).
     assert out.count("streambp   loss") == 2 and out.count("eager      loss") == 2, out
     assert out.count("streambp / eager: memory") == 2, out
+
+
+def test_benchmark_script(tmp_path, capsys):
+    module = load_script(EXAMPLES.parent / "benchmarks" / "memory_and_time.py")
+    json_path = tmp_path / "points.json"
+    module.main(["--lengths", "64", "128", "--methods", "eager", "checkpointing", "streambp",
+                 "--objectives", "sft", "grpo", "--hidden-size", "64", "--layers", "2", "--vocab-size", "512",
+                 "--budget-mb", "32", "--json", str(json_path)])
+    out = capsys.readouterr().out
+    assert "| 128 |" in out and "Longest sequence under 32 MB" in out, out
+    points = json.loads(json_path.read_text())["points"]
+    assert len(points) == 2 * 3 * 2 and all(p["peak_bytes"] > 0 for p in points)
