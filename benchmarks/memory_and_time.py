@@ -133,6 +133,19 @@ class Point:
     peak_bytes: int | None
     step_seconds: float | None
     failure: str | None = None
+    floor_bytes: int | None = None  # see ``physical_floor``
+
+
+def physical_floor(model, sequences: int, length: int) -> int:
+    """What any exact method must hold at the peak of a step: parameters, their gradients, the
+    saved layer inputs (layers x B x T x hidden) and one layer's K/V with their gradients."""
+    config = model.config
+    itemsize = next(model.parameters()).element_size()
+    parameters = sum(p.numel() for p in model.parameters()) * itemsize
+    tokens = sequences * length
+    layer_inputs = config.num_hidden_layers * tokens * config.hidden_size * itemsize
+    key_value = 4 * tokens * config.num_key_value_heads * config.head_dim * itemsize
+    return 2 * parameters + layer_inputs + key_value
 
 
 def measure(args, method, objective) -> list[Point]:
@@ -157,7 +170,8 @@ def measure(args, method, objective) -> list[Point]:
                 return [Point(method, objective, length, None, None, reason)]
             seconds = statistics.median(time_step(step, args.repeats)) if length == time_at else None
             _, peak = measure_peak_memory(step)
-            points.append(Point(method, objective, length, peak, seconds))
+            sequences = next(iter(inputs.values())).shape[0] * (2 if objective == "dpo" else 1)
+            points.append(Point(method, objective, length, peak, seconds, None, physical_floor(model, sequences, length)))
     return points
 
 
@@ -180,6 +194,13 @@ def markdown(args, points, fits):
             row = [next((f"{p.peak_bytes / mb:.1f}" if p.peak_bytes else "failed" for p in points
                          if p.method == m and p.objective == objective and p.length == length), "-") for m in args.methods]
             lines.append(f"| {length} | " + " | ".join(row) + " |")
+        floors = {p.length: p.floor_bytes for p in points if p.objective == objective and p.floor_bytes}
+        measured = [p for p in points if p.objective == objective and p.peak_bytes and p.floor_bytes]
+        lines += ["", "Physical floor (parameters, gradients, saved layer inputs, one layer's K/V and their "
+                  "gradients), MB: " + ", ".join(f"{floors[t] / mb:.1f} at {t}" for t in sorted(floors)),
+                  "", "Measured / physical floor: " + "; ".join(
+            f"{m} " + ", ".join(f"{p.peak_bytes / p.floor_bytes:.2f} at {p.length}" for p in measured if p.method == m)
+            for m in args.methods if any(p.method == m for p in measured))]
         lines += [f"{p.method} failed: {p.failure}" for p in points if p.objective == objective and p.failure]
         timed = {p.method: p.step_seconds for p in points if p.objective == objective and p.step_seconds}
         if "checkpointing" in timed:
