@@ -145,13 +145,11 @@ def _find_head_region(gm, start, labels, is_seq_sized, dynamic, full_length):
     if not any(isinstance(example(n), torch.Tensor) for n in members):
         raise CannotChunk(Reason.HEAD_NOT_FOUND, f"no token-wise op uses {start.name}")
 
-    stops = []
+    stops = {}  # user -> why it stays outside, in first-use order
     for node in members:
         for user in node.users:
-            if user in member_set or user.op == "output" or any(user.name == s for s, _ in stops):
-                continue
-            cause = strict.unknown_causes.get(user) or "has no sequence dim"
-            stops.append((user.name, cause))
+            if user not in member_set and user.op != "output" and user not in stops:
+                stops[user] = strict.unknown_causes.get(user) or "has no sequence dim"
     for node in members:
         if op_name(node) in NON_TENSOR and any(u not in member_set for u in node.users):
             raise CannotChunk(Reason.HEAD_LAYOUT, f"{node.name} (a size of a head value) is used after the head")
@@ -161,6 +159,7 @@ def _find_head_region(gm, start, labels, is_seq_sized, dynamic, full_length):
     for node in outputs:
         if not isinstance(example(node), torch.Tensor):
             raise CannotChunk(Reason.HEAD_LAYOUT, f"{node.name} leaves the head and is not a tensor")
+    stops = [(user.name, why) for user, why in stops.items()]
     return HeadRegion(members, copied, inputs, outputs, strict_labels, stops), strict
 
 
@@ -196,7 +195,8 @@ def _region_inputs(members, start, labels, full_length):
             if _has_seq(labels.get(n)) and not _is_plain(n, labels.get(n), full_length)
         ]
         if not merged:
-            return [n for n in start.graph.nodes if n in set(copied)], inputs
+            copied_set = set(copied)
+            return [n for n in start.graph.nodes if n in copied_set], inputs
         node = merged[0]
         tensor_args = [a for a in node.all_input_nodes if isinstance(example(a), torch.Tensor)]
         if op_name(node) not in SHAPE_ONLY or len(tensor_args) != 1:
@@ -217,7 +217,8 @@ class _Extracted:
 
 
 def _extract(region: HeadRegion, outer_labels: dict, is_seq_sized, dynamic) -> _Extracted:
-    nodes = [n for n in region.inputs[0].graph.nodes if n in set(region.members) | set(region.copied)]
+    taken = set(region.members) | set(region.copied)
+    nodes = [n for n in region.inputs[0].graph.nodes if n in taken]
     gm = extract_subgraph(region.inputs, nodes, region.outputs)
     graph = gm.graph
     output_node = next(n for n in graph.nodes if n.op == "output")
