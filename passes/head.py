@@ -31,10 +31,11 @@ import torch.fx as fx
 
 from sbp_compiler.head_runtime import HeadPlan, OutputLayout, evaluate, head_forward
 from sbp_compiler.report import HeadDecision
-from sbp_compiler.runtime import InputRef, register_plan
+from sbp_compiler.runtime import register_plan
 
 from .errors import CannotChunk, Reason
 from .find_layers import extract_subgraph
+from .op_arguments import OpArguments
 from .probe import fabricate
 from .rescale import rescale_shape_arguments
 from .seq_dims import NON_TENSOR, SeqDimAnalysis, UNKNOWN, example, op_name, shape_of, size_hint
@@ -342,15 +343,9 @@ def outline_head(context: HeadContext, chunk_size, decision: HeadDecision) -> No
     seq_len = shape_of(context.start)[region.labels[context.start].index(S)]
     layouts = _layouts(extracted, _expr(seq_len), full)
 
-    tensors, ints, refs = [], [], []
-    for node in region.inputs:
-        value = example(node)
-        kind, values = (("tensor", tensors) if isinstance(value, torch.Tensor)
-                        else ("int", ints) if isinstance(value, (int, torch.SymInt)) else (None, None))
-        if kind is None:
-            raise CannotChunk(Reason.HEAD_LAYOUT, f"head input {node.name} is a {type(value).__name__}")
-        refs.append(InputRef(kind, len(values)))
-        values.append(node)
+    arguments = OpArguments(Reason.HEAD_LAYOUT)
+    refs = [arguments.ref(n) for n in region.inputs]
+    tensors, ints = arguments.tensors, arguments.ints
     seq_dims = [layouts[p][0] if p in layouts else None for p in extracted.placeholders]
     symbol_sources = {}
     for p, ref in zip(extracted.placeholders, refs):

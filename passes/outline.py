@@ -22,6 +22,7 @@ from .errors import CannotChunk, Reason
 from .find_layers import LayerRegion, extract_subgraph, find_layer_regions, region_of
 from .layer_split import LayerSplit, split_layer
 from .mask import build_mask_builder
+from .op_arguments import OpArguments
 from .probe import fabricate
 from .seq_dims import SeqDimAnalysis, UNKNOWN, example, seq_sized_predicate, size_hint
 
@@ -219,20 +220,8 @@ def _outline_one(context: _GraphContext, region: LayerRegion, decision: LayerDec
         builder, run_builder = context.mask_builders[mask_node]
 
     # Arguments of the op: tensors and ints; the mask itself is rebuilt per chunk.
-    tensors, ints = [], []
-
-    def ref(node: fx.Node) -> InputRef:
-        value = example(node)
-        kind, values = (
-            ("tensor", tensors) if isinstance(value, torch.Tensor)
-            else ("int", ints) if isinstance(value, (int, torch.SymInt))
-            else (None, None)
-        )
-        if kind is None:
-            raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{node.name} is a {type(value).__name__}")
-        if node not in values:  # a value the layer and its mask builder share is passed once
-            values.append(node)
-        return InputRef(kind, values.index(node))
+    arguments = OpArguments(Reason.LAYER_INPUT_UNKNOWN)
+    ref, tensors, ints = arguments.ref, arguments.tensors, arguments.ints
 
     layer_refs = [ref(n) if n is not mask_node else InputRef("mask", -1) for n in region.inputs]
     mask_refs = [ref(n) for n in builder.inputs] if builder else []
