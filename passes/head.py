@@ -23,7 +23,6 @@ import dataclasses
 import logging
 import math
 import operator
-from typing import Callable, Optional
 
 import sympy
 import torch
@@ -36,6 +35,7 @@ from sbp_compiler.runtime import register_plan
 from .errors import CannotChunk, Reason
 from .find_layers import extract_subgraph
 from .op_arguments import OpArguments
+from .outline import GraphContext
 from .probe import fabricate
 from .rescale import rescale_shape_arguments
 from .seq_dims import NON_TENSOR, SeqDimAnalysis, UNKNOWN, example, op_name, shape_of, size_hint
@@ -309,23 +309,12 @@ def _token_bytes(node: fx.Node, full_length: int) -> int:
     return math.prod(size_hint(s) for s in value.shape) * value.element_size() // max(1, full_length)
 
 
-@dataclasses.dataclass
-class HeadContext:
-    gm: fx.GraphModule
-    start: fx.Node  # the last decoder layer's output
-    labels: dict
-    is_seq_sized: Callable
-    dynamic: bool
-    full_length: int
-    real_inputs: dict
-    wrap_subgraph: Callable[[str, fx.GraphModule], Callable]
-
-
-def outline_head(context: HeadContext, chunk_size, decision: HeadDecision) -> None:
-    """Rewrite the head region of ``context.gm`` into one ``streambp::head`` call, in place."""
-    region = find_head_region(
-        context.gm, context.start, context.labels, context.is_seq_sized, context.dynamic, context.full_length
-    )
+def outline_head(context: GraphContext, chunk_size, decision: HeadDecision) -> None:
+    """Rewrite the head region of ``context.gm``, after ``context.last_layer_output``, into one
+    ``streambp::head`` call, in place."""
+    start = context.last_layer_output
+    region = find_head_region(context.gm, start, context.labels, context.is_seq_sized, context.dynamic,
+                              context.full_length)
     decision.stops = region.stops
     full = context.full_length
     seq_inputs = [n for n in region.inputs if _has_seq(region.labels.get(n, context.labels.get(n)))]
@@ -338,9 +327,9 @@ def outline_head(context: HeadContext, chunk_size, decision: HeadDecision) -> No
         if n not in region.outputs and isinstance(example(n), torch.Tensor) and op_name(n) not in SHAPE_ONLY
     ]
     if not inside:
-        raise CannotChunk(Reason.HEAD_NOTHING_INSIDE, f"every value computed after {context.start.name} leaves the head")
+        raise CannotChunk(Reason.HEAD_NOTHING_INSIDE, f"every value computed after {start.name} leaves the head")
     extracted = _extract(region, context.labels, context.is_seq_sized, context.dynamic)
-    seq_len = shape_of(context.start)[region.labels[context.start].index(S)]
+    seq_len = shape_of(start)[region.labels[start].index(S)]
     layouts = _layouts(extracted, _expr(seq_len), full)
 
     arguments = OpArguments(Reason.HEAD_LAYOUT)
@@ -364,7 +353,7 @@ def outline_head(context: HeadContext, chunk_size, decision: HeadDecision) -> No
                 evaluate(size, binding)
         except (KeyError, ValueError) as error:
             raise CannotChunk(Reason.HEAD_LAYOUT, f"{out.name}: size not derived from the inputs: {error}") from None
-    start_ref = refs[region.inputs.index(context.start)]
+    start_ref = refs[region.inputs.index(start)]
     name = "head"
     plan = HeadPlan(
         name=name,
@@ -397,7 +386,7 @@ def outline_head(context: HeadContext, chunk_size, decision: HeadDecision) -> No
     decision.rescaled_arguments = extracted.rescaled
 
 
-def _probe(plan: HeadPlan, region: HeadRegion, context: HeadContext) -> None:
+def _probe(plan: HeadPlan, region: HeadRegion, context: GraphContext) -> None:
     """Run the chunked head on a short real example (random data where the graph has none) and
     compare with the same region run whole: shapes and layouts must agree."""
     length = min(context.full_length, 7)

@@ -59,8 +59,8 @@ def sequence_labels(gm: fx.GraphModule, example_inputs, is_seq_sized) -> tuple[d
 
 
 @dataclasses.dataclass
-class _GraphContext:
-    """What every layer's rewrite needs to know about the graph it lives in."""
+class GraphContext:
+    """What every layer's rewrite, and then the head's, needs to know about the graph."""
 
     gm: fx.GraphModule
     labels: dict  # node -> sequence labels ("S") from the whole-graph analysis
@@ -130,7 +130,7 @@ def outline_layers(
     chunk_size,
     report: GraphReport,
     wrap_subgraph: Callable[[str, fx.GraphModule], Callable],
-) -> "_GraphContext":
+) -> "GraphContext":
     """Rewrite ``gm`` in place; ``wrap_subgraph(name, gm)`` turns each new subgraph into a callable.
     Every layer's decision is appended to ``report``. Returns what the head pass needs to know
     about the graph, ``last_layer_output`` included.
@@ -151,7 +151,7 @@ def outline_layers(
     is_seq_sized = seq_sized_predicate(seq_len)
     labels, unknown_causes = sequence_labels(gm, example_inputs, is_seq_sized)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    context = _GraphContext(
+    context = GraphContext(
         gm=gm,
         labels=labels,
         unknown_causes=unknown_causes,
@@ -180,7 +180,7 @@ def outline_layers(
     return context
 
 
-def _label_last_output(context: _GraphContext, regions: list[LayerRegion]) -> None:
+def _label_last_output(context: GraphContext, regions: list[LayerRegion]) -> None:
     """If a refused layer left the stack's output unexplained, label it like the stack's input.
 
     The head only needs to know which dim of the hidden state to chunk: a token-wise function of
@@ -198,7 +198,7 @@ def _label_last_output(context: _GraphContext, regions: list[LayerRegion]) -> No
             return
 
 
-def _outline_one(context: _GraphContext, region: LayerRegion, decision: LayerDecision) -> fx.Node:
+def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDecision) -> fx.Node:
     gm, labels, wrap_subgraph = context.gm, context.labels, context.wrap_subgraph
     region = region_of(region.path, region.nodes)
     if len(region.outputs) != 1:

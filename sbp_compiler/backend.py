@@ -17,8 +17,8 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
 from passes.errors import CannotChunk
-from passes.head import HeadContext, outline_head
-from passes.outline import outline_layers
+from passes.head import outline_head
+from passes.outline import GraphContext, outline_layers
 from passes.token_losses import split_token_losses
 
 from .config import StreamBPConfig
@@ -78,15 +78,11 @@ def _subgraph_runner(config: StreamBPConfig, dump: _Dumper) -> Callable[[str, fx
     return wrap
 
 
-def _outline_head(config: StreamBPConfig, report: GraphReport, wrap, graph) -> None:
+def _outline_head(config: StreamBPConfig, report: GraphReport, graph: GraphContext) -> None:
     if graph.last_layer_output is None:
         return
-    context = HeadContext(
-        gm=graph.gm, start=graph.last_layer_output, labels=graph.labels, is_seq_sized=graph.is_seq_sized,
-        dynamic=graph.dynamic, full_length=graph.full_length, real_inputs=graph.real_inputs, wrap_subgraph=wrap,
-    )
     try:
-        outline_head(context, config.head_chunk_size, report.head)
+        outline_head(graph, config.head_chunk_size, report.head)
     except CannotChunk as refusal:
         report.head.reason, report.head.detail = refusal.reason, refusal.detail
         log.info("streambp: head not chunked: %s", refusal)
@@ -108,7 +104,7 @@ def streambp(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None)
         report.fallback, report.fallback_detail = refusal.reason, refusal.detail
     else:
         dump("layers", gm)
-        _outline_head(config, report, wrap, graph)
+        _outline_head(config, report, graph)
     dump("streambp", gm)
     dump.text("report.txt", str(report))
     log.info("%s", report)
