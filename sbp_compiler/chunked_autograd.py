@@ -54,3 +54,19 @@ def inputs_needing_grad(tensors: Sequence[torch.Tensor]) -> list[bool]:
 
 def grad_placeholders_fake(tensors, needs) -> list[torch.Tensor]:
     return [torch.empty_like(t) if need else t.new_zeros(()) for t, need in zip(tensors, needs)]
+
+
+def save_op_inputs(ctx, inputs, output) -> None:
+    """``setup_context`` of a streambp op called as ``(plan_id, tensors, ints)``: only its inputs
+    are kept for backward, with which of them need gradients."""
+    plan_id, tensors, ints = inputs
+    ctx.plan_id, ctx.ints = plan_id, ints
+    ctx.needs_grad = inputs_needing_grad(tensors)
+    ctx.save_for_backward(*tensors)
+
+
+def op_input_grads(ctx, grads):
+    """What a streambp op's autograd backward returns for ``(plan_id, tensors, ints)``."""
+    # torch.library treats a non-empty int list as one leaf (grad None) but an empty one as a list.
+    ints_grad = None if ctx.ints else []
+    return None, [g if need else None for g, need in zip(grads, ctx.needs_grad)], ints_grad

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence, Union
 import sympy
 import torch
 
-from .chunked_autograd import InputGradients, autograd_in_kernel, grad_placeholders_fake, inputs_needing_grad
+from .chunked_autograd import InputGradients, autograd_in_kernel, grad_placeholders_fake, op_input_grads, save_op_inputs
 from .runtime import PLANS, InputRef
 
 
@@ -221,11 +221,8 @@ def _head_backward_fake(plan_id, tensors, ints, grad_outputs, needs_grad):
 
 
 def _setup_context(ctx, inputs, output):
-    plan_id, tensors, ints = inputs
-    ctx.plan_id, ctx.ints = plan_id, ints
-    ctx.needs_grad = inputs_needing_grad(tensors)
+    save_op_inputs(ctx, inputs, output)
     ctx.output_specs = [(o.shape, o.dtype, o.device) for o in output]
-    ctx.save_for_backward(*tensors)
 
 
 def _backward(ctx, grad_outputs):
@@ -235,8 +232,7 @@ def _backward(ctx, grad_outputs):
         for g, (shape, dtype, device) in zip(grad_outputs, ctx.output_specs)
     ]
     grads = torch.ops.streambp.head_backward(ctx.plan_id, list(ctx.saved_tensors), ctx.ints, grad_outputs, ctx.needs_grad)
-    ints_grad = None if ctx.ints else []
-    return None, [g if need else None for g, need in zip(grads, ctx.needs_grad)], ints_grad
+    return op_input_grads(ctx, grads)
 
 
 head_op.register_autograd(_backward, setup_context=_setup_context)

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .chunked_autograd import InputGradients, autograd_in_kernel, grad_placeholders_fake, inputs_needing_grad
+from .chunked_autograd import InputGradients, autograd_in_kernel, grad_placeholders_fake, op_input_grads, save_op_inputs
 
 log = logging.getLogger(__name__)
 
@@ -272,20 +272,10 @@ def _layer_backward_fake(plan_id, tensors, ints, grad_output, needs_grad):
     return grad_placeholders_fake(tensors, needs_grad)
 
 
-def _setup_context(ctx, inputs, output):
-    plan_id, tensors, ints = inputs
-    ctx.plan_id = plan_id
-    ctx.ints = ints
-    ctx.needs_grad = inputs_needing_grad(tensors)
-    ctx.save_for_backward(*tensors)
-
-
 def _backward(ctx, grad_output):
     tensors = list(ctx.saved_tensors)
     grads = torch.ops.streambp.layer_backward(ctx.plan_id, tensors, ctx.ints, grad_output, ctx.needs_grad)
-    # torch.library treats a non-empty int list as one leaf (grad None) but an empty one as a list.
-    ints_grad = None if ctx.ints else []
-    return None, [g if need else None for g, need in zip(grads, ctx.needs_grad)], ints_grad
+    return op_input_grads(ctx, grads)
 
 
-layer_op.register_autograd(_backward, setup_context=_setup_context)
+layer_op.register_autograd(_backward, setup_context=save_op_inputs)
