@@ -21,6 +21,7 @@ from passes.head import outline_head
 from passes.outline import GraphContext, outline_layers
 from passes.token_losses import split_token_losses
 
+from .chunk_compiler import compiled_chunk_graph
 from .config import StreamBPConfig
 from .report import GraphReport, new_report
 
@@ -69,10 +70,10 @@ def _inner_compile(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, ex
 
 
 def _subgraph_runner(config: StreamBPConfig, dump: _Dumper) -> Callable[[str, fx.GraphModule], Callable]:
-    # The chunk subgraphs run eagerly inside the custom-op kernels for now: torch.compile
-    # cannot trace from there (it finds no frame), so Inductor applies to the outer graph only.
     def wrap(name: str, gm: fx.GraphModule) -> Callable:
         dump(name, gm)
+        if config.inner_compiler == "inductor":
+            return compiled_chunk_graph(name, gm)
         return gm
 
     return wrap

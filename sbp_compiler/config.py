@@ -21,8 +21,10 @@ class StreamBPConfig:
                     full-length hidden state, in a power of two (64 tokens at T=8192, hidden
                     256, vocabulary 32768 in float32).
     inner_compiler: "eager" runs the non-layer graph through AOTAutograd without code
-                    generation (exact, no compile time); "inductor" generates code for it.
-                    The chunk subgraphs run eagerly in both cases (for now).
+                    generation and the chunk subgraphs as they are (exact, no compile time);
+                    "inductor" generates code for the non-layer graph and, through
+                    torch.compile, for every chunk subgraph (a few compilations per subgraph
+                    on the first step, as the chunk shapes settle).
     debug_dir:      if set, every graph after every pass is written there as readable Python
                     (NNN_<name>.py), plus ``report.txt``. Defaults to $STREAMBP_DEBUG_DIR.
     """

@@ -90,12 +90,20 @@ def test_backend_found_through_entry_point_without_import():
 
 
 def test_inductor_inner_compiler():
-    """Inductor compiles the non-layer graph; the layers stay chunked custom ops."""
+    """Inductor compiles the non-layer graph and, through torch.compile, every chunk subgraph
+    (K/V, query chunk, mask, head): gradients stay exact through the first chunk (static), the
+    growing prefix (dynamic) and a shorter last chunk."""
+    from torch._dynamo.utils import counters
+
     model = build_model("llama", dtype=torch.float32)
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4, "inner_compiler": "inductor"})
+    graphs_before = counters["stats"]["unique_graphs"]
     inputs = batch(11, pad=2)
     reference_loss, reference = loss_and_grads(model, model, inputs)
-    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4, "inner_compiler": "inductor"})
     loss, grads = loss_and_grads(model, compiled, inputs)
     assert torch.allclose(loss, reference_loss, rtol=1e-5, atol=0)
     assert max_relative_error(reference, grads) <= 1e-5
     assert len(sbp_compiler.last_report().chunked_layers) == 2
+    assert sbp_compiler.last_report().head.chunked
+    # Dynamo compiled the chunk subgraphs, not only the user's graph.
+    assert counters["stats"]["unique_graphs"] - graphs_before > 2
