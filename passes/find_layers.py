@@ -2,7 +2,7 @@
 
 Dynamo records in ``node.meta["nn_module_stack"]`` the module path each op ran in. A decoder
 stack is a ModuleList: paths ``<prefix>.<i>`` for consecutive ``i`` with the same module type
-(``model.layers.3`` in Llama, ``transformer.h.3`` in GPT-2). Every op whose stack contains such a
+(``model.layers.3`` in Llama, ``transformer.h.3`` in GPT-2), of one block in a one-layer model. Every op whose stack contains such a
 path belongs to that layer. Whether a found block may be chunked is decided later, by the
 sequence-dimension analysis of its ops, not by its name.
 """
@@ -51,9 +51,11 @@ def find_layer_regions(gm: fx.GraphModule) -> list[LayerRegion]:
         if key is not None:
             prefix, index, module_type = key
             groups[(prefix, module_type)][index].append(node)
-    stacks = [(key, layers) for key, layers in groups.items() if len(layers) >= 2]
+    # A one-layer model has a ModuleList of one block: single blocks count only when nothing
+    # repeats. A wrong pick is safe: the block's own analysis refuses what is not a causal layer.
+    stacks = [(key, layers) for key, layers in groups.items() if len(layers) >= 2] or list(groups.items())
     if not stacks:
-        raise CannotChunk(Reason.NO_REPEATED_LAYERS, "no ModuleList of two or more equal blocks")
+        raise CannotChunk(Reason.NO_REPEATED_LAYERS, "no ModuleList of decoder blocks")
     # The decoder stack is the repeated block with the most ops in total.
     (prefix, _), layers = max(stacks, key=lambda item: sum(len(n) for n in item[1].values()))
     return [region_of(f"{prefix}.{index}", layers[index]) for index in sorted(layers)]

@@ -128,3 +128,15 @@ def test_packed_sequences():
         packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
         first = model(input_ids=ids[:, :5], use_cache=False).logits
     assert torch.allclose(packed[:, :5], first, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_one_layer_model(arch):
+    """A ModuleList of one block is a decoder stack too (nothing else repeats)."""
+    overrides = {"n_layer": 1} if arch == "gpt2" else {"num_hidden_layers": 1}
+    model = float64_throughout(build_model(arch, **overrides))
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4})
+    assert_exact(model, compiled, batch(11, pad=2), FLOAT64_TOLERANCE)
+    report = sbp_compiler.last_report()
+    assert_all_layers_chunked(report)
+    assert len(report.layers) == 1 and report.head.chunked
