@@ -10,6 +10,8 @@ Methods, on the same model and data:
   budget0         ``torch._functorch.config.activation_memory_budget = 0`` with Inductor
                   (set for this run only, restored afterwards)
   streambp        ``torch.compile(step, backend="streambp")``
+  streambp_inductor  the same with ``options={"inner_compiler": "inductor"}`` (chunk subgraphs
+                  compiled too)
 
 Objectives (``sbp_compiler.objectives``): ``sft`` (the HF ``labels=`` path), ``dpo`` (pairs of
 sequences of the given length) and ``grpo`` (completions of the given length). The model is a
@@ -19,7 +21,8 @@ Peak memory: the profiler method of DESIGN §2 (deterministic). Step time: the m
 ``--repeats`` timed steps after a warm-up; ratios are taken within this run. Memory grows
 linearly in T for every method, so the longest length under a budget is extrapolated from a
 least-squares line through the measured peaks (``--budget-mb``), and the ratio of each method's
-longest length to checkpointing's is reported. Output: a markdown table on stdout and, with
+longest length to checkpointing's is reported; ``--confirm`` then runs each method once at its
+predicted length and reports the measured peak against the budget. Output: a markdown table on stdout and, with
 ``--json``, every measurement as JSON.
 """
 from __future__ import annotations
@@ -39,14 +42,14 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 from sbp_compiler import objectives
 from sbp_compiler.profiling import measure_peak_memory, time_step
 
-METHODS = ("eager", "checkpointing", "budget0", "streambp")
+METHODS = ("eager", "checkpointing", "budget0", "streambp", "streambp_inductor")
 OBJECTIVES = ("sft", "dpo", "grpo")
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m != "streambp_inductor"])
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -54,6 +57,8 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=1, help="timed steps per point (median)")
     parser.add_argument("--time-at", type=int, default=None, help="time steps only at this length (default: the shortest)")
     parser.add_argument("--budget-mb", type=float, default=None, help="report the longest length under this peak")
+    parser.add_argument("--confirm", action="store_true",
+                        help="with --budget-mb: measure each method once more at its predicted longest length")
     parser.add_argument("--json", default=None, help="write all measurements to this file")
     return parser.parse_args(argv)
 
@@ -64,7 +69,7 @@ def build_model(args, seed=0):
     config = Qwen3Config(
         vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=3 * args.hidden_size,
         num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-        head_dim=64, max_position_embeddings=2 * max(args.lengths), attn_implementation="sdpa",
+        head_dim=64, max_position_embeddings=1 << 20, attn_implementation="sdpa",
     )
     return AutoModelForCausalLM.from_config(config).train()
 
@@ -120,6 +125,8 @@ def step_function(method, objective, model):
 
     if method == "streambp":
         return torch.compile(loss, backend="streambp")
+    if method == "streambp_inductor":
+        return torch.compile(loss, backend="streambp", options={"inner_compiler": "inductor"})
     if method == "budget0":
         return torch.compile(loss, backend="inductor", dynamic=True)
     return loss
@@ -148,13 +155,13 @@ def physical_floor(model, sequences: int, length: int) -> int:
     return 2 * parameters + layer_inputs + key_value
 
 
-def measure(args, method, objective) -> list[Point]:
+def measure(args, method, objective, lengths=None) -> list[Point]:
     model = build_model(args)
     points = []
     time_at = args.time_at or min(args.lengths)
     with method_context(method, model):
         step_loss = step_function(method, objective, model)
-        for length in args.lengths:
+        for length in lengths or args.lengths:
             inputs = make_inputs(objective, length, args.vocab_size, torch.Generator().manual_seed(length))
 
             def step():
@@ -163,7 +170,10 @@ def measure(args, method, objective) -> list[Point]:
 
             print(f"  {method:<13} {objective:<5} T={length}", file=sys.stderr, flush=True)
             try:
-                step()  # warm-up: compilation, lazy initialisation
+                # Warm-up: compilation, lazy initialisation. Compiled chunk subgraphs settle their
+                # dynamic shapes over the first two steps.
+                for _ in range(2 if method == "streambp_inductor" else 1):
+                    step()
             except Exception as error:  # a method that cannot run this objective: reported, not fatal
                 reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120]}"
                 print(f"    failed: {reason}", file=sys.stderr, flush=True)
@@ -184,7 +194,14 @@ def linear_fit(points):
     return slope, mean_y - slope * mean_x
 
 
-def markdown(args, points, fits):
+def longest_lengths(args, objective_fits) -> dict[str, int]:
+    """Per method, the longest length whose fitted peak stays under ``--budget-mb``, rounded down
+    to a multiple of 64 tokens."""
+    budget = args.budget_mb * 2 ** 20
+    return {m: int((budget - b) / a) // 64 * 64 for m, (a, b) in objective_fits.items() if a > 0}
+
+
+def markdown(args, points, fits, confirmations=()):
     mb = 2 ** 20
     lines = [f"Peak memory (MB) of one training step; {describe(args)}", ""]
     for objective in args.objectives:
@@ -208,11 +225,16 @@ def markdown(args, points, fits):
             lines += ["", f"Step time at T={args.time_at or min(args.lengths)} (ratio to checkpointing): " + ", ".join(
                 f"{m} {timed[m]:.2f} s ({timed[m] / base:.2f}x)" for m in args.methods if m in timed)]
         if args.budget_mb and objective in fits:
-            budget = args.budget_mb * mb
-            longest = {m: int((budget - b) / a) for m, (a, b) in fits[objective].items() if a > 0}
+            longest = longest_lengths(args, fits[objective])
             base = longest.get("checkpointing")
             lines += ["", f"Longest sequence under {args.budget_mb:.0f} MB (linear fit of the peaks): " + ", ".join(
                 f"{m} {t}" + (f" ({t / base:.1f}x checkpointing)" if base else "") for m, t in longest.items())]
+            confirmed = [p for p in confirmations if p.objective == objective]
+            if confirmed:
+                lines += ["", "Confirmation, one step at the predicted length: " + "; ".join(
+                    f"{p.method} at {p.length}: " + (f"{p.peak_bytes / mb:.1f} MB ("
+                    + ("within" if p.peak_bytes <= args.budget_mb * mb else "OVER") + " budget)" if p.peak_bytes else "failed")
+                    for p in confirmed)]
         lines.append("")
     return "\n".join(lines)
 
@@ -237,12 +259,18 @@ def main(argv=None):
             measured = [p for p in points if p.method == method and p.objective == objective and p.peak_bytes]
             if len(measured) >= 2:
                 fits[objective][method] = linear_fit(measured)
-    print(markdown(args, points, fits))
+    confirmations = []
+    if args.confirm and args.budget_mb:
+        for objective in args.objectives:
+            for method, length in longest_lengths(args, fits[objective]).items():
+                confirmations += measure(args, method, objective, lengths=[length])
+    print(markdown(args, points, fits, confirmations))
     print(f"(measured in {time.perf_counter() - started:.0f} s; command: python benchmarks/memory_and_time.py "
           + " ".join(sys.argv[1:] if argv is None else argv) + ")")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"setup": describe(args), "points": [asdict(p) for p in points],
+                       "confirmations": [asdict(p) for p in confirmations],
                        "fits_bytes_per_token_and_intercept": fits}, f, indent=2)
 
 

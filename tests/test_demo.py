@@ -78,3 +78,38 @@ def test_benchmark_script(tmp_path, capsys):
     assert "| 128 |" in out and "Longest sequence under 32 MB" in out, out
     points = json.loads(json_path.read_text())["points"]
     assert len(points) == 2 * 3 * 2 and all(p["peak_bytes"] > 0 for p in points)
+
+
+def test_benchmark_confirmation_run(capsys):
+    module = load_script(EXAMPLES.parent / "benchmarks" / "memory_and_time.py")
+    module.main(["--lengths", "64", "128", "--methods", "checkpointing", "streambp", "--objectives", "sft",
+                 "--hidden-size", "64", "--layers", "2", "--vocab-size", "512", "--budget-mb", "24", "--confirm"])
+    out = capsys.readouterr().out
+    confirmed = re.findall(r"(\w+) at (\d+): ([\d.]+) MB \((within|OVER) budget\)", out)
+    assert [m for m, *_ in confirmed] == ["checkpointing", "streambp"], out
+    # The fit is a straight line through two points; the confirmation checks it at a longer length.
+    assert all(float(mb) <= 24 * 1.05 for _, _, mb, _ in confirmed), out
+
+
+def test_real_shapes_script(capsys):
+    module = load_script(EXAMPLES.parent / "benchmarks" / "real_shapes.py")
+    # A tiny stand-in for the real widths (this module's own table, not global state).
+    module.SHAPES["tiny"] = dict(model_type="qwen3", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16, vocab_size=4096, tie_word_embeddings=False,
+                                 full_depth=8)
+    module.main(["--shapes", "tiny", "--layers", "1", "2", "--lengths", "256", "512", "--chunk-size", "32",
+                 "--budget-gb", "0.1"])
+    out = capsys.readouterr().out
+    assert out.count("| checkpointing |") == 3 and out.count("| streambp |") == 3, out
+    # Checkpointing holds the logits of every token (4096 floats and their gradients); streambp a
+    # chunk's worth, so its longest sequence is several times longer.
+    ratio = float(re.search(r"longest sequence: \*\*([\d.]+)x\*\*", out).group(1))
+    assert ratio > 4, out
+
+
+def test_compile_time_script(capsys):
+    module = load_script(EXAMPLES.parent / "benchmarks" / "compile_time.py")
+    module.main(["--methods", "streambp", "--length", "64", "--hidden-size", "64", "--layers", "1",
+                 "--vocab-size", "256", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"\| streambp \| [\d.]+ s \| -?[\d.]+ s \| [\d.]+ s \|", out), out
