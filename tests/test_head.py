@@ -160,3 +160,20 @@ def test_dynamic_lengths_and_batch():
     for length, batch_size in ((13, 2), (9, 3), (6, 1)):
         assert_exact(model, compiled, batch(length, batch_size=batch_size, pad=2), 1e-10, eager)
         assert_head_chunked(sbp_compiler.last_report())
+
+
+def test_auto_head_chunk_grows_with_the_hidden_state_above_a_floor():
+    from sbp_compiler.head_runtime import AUTO_HEAD_MIN_TOKENS, HeadPlan
+
+    # hidden 256 and vocabulary 32768 in float32: logits as large as the hidden state at T/128 tokens.
+    plan = HeadPlan(name="head", graph=None, inputs=[], input_seq_dims=[], outputs=[], output_shapes=[],
+                    output_dtypes=[], symbol_sources={}, seq_input=0, chunk_size="auto",
+                    token_bytes_in=256 * 4, token_bytes_widest=32768 * 4)
+    assert AUTO_HEAD_MIN_TOKENS == 128
+    assert plan.chunk_length(100) == 100  # shorter than the floor: one chunk
+    assert plan.chunk_length(8192) == 128  # T/128 = 64: the floor
+    assert plan.chunk_length(65536) == 512  # T/128
+    assert plan.chunk_length(100_000) == 512  # 781, rounded down to a power of two
+    assert list(plan.chunks(300)) == [(0, 128), (128, 256), (256, 300)]
+    fixed = HeadPlan(**{**plan.__dict__, "chunk_size": 3})
+    assert fixed.chunk_length(100) == 3 and fixed.chunk_length(2) == 2
