@@ -30,7 +30,14 @@ class LayerRegion:
 
 
 def _clean_path(path: str) -> str:
-    return re.sub(r"^[LG]\['[^']*'\]\.?", "", path).replace("._modules['", ".").replace("']", "")
+    """``model.layers.3`` from Dynamo's source names of a module.
+
+    The root is ``L['self']`` or, when the model's forward is wrapped, ``L['args'][0]``
+    (transformers 5.24); submodules appear as ``.name``, ``._modules['name']`` or ``[3]``.
+    """
+    path = re.sub(r"^[LG]\['[^']*'\](\[\d+\])*\.?", "", path)
+    path = re.sub(r"\.?_modules\['([^']*)'\]", r".\1", path)
+    return re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
 
 
 def _layer_key(node: fx.Node):

@@ -108,3 +108,14 @@ def test_rescale_size():
     assert rescale_size(20, 10, 3) == 6
     with pytest.raises(RuntimeError):
         rescale_size(15, 10, 3)
+
+
+@pytest.mark.parametrize("source", [
+    "L['self'].model.layers.3",
+    "L['args'][0].model.layers.3",  # transformers >= 5.24 wraps the model's forward
+    "L['self']._modules['model']._modules['layers']._modules['3']",
+    "L['self'].model.layers[3]",
+])
+def test_module_paths_from_every_dynamo_source_form(source):
+    from passes.find_layers import _clean_path
+    assert _clean_path(source) == "model.layers.3"
