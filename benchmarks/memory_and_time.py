@@ -12,6 +12,7 @@ Methods, on the same model and data:
   streambp        ``torch.compile(step, backend="streambp")``
   streambp_inductor  the same with ``options={"inner_compiler": "inductor"}`` (chunk subgraphs
                   compiled too)
+  streambp:N      streambp with ``options={"chunk_size": N}`` (the default is "auto")
 
 Objectives (``sbp_compiler.objectives``): ``sft`` (the HF ``labels=`` path), ``dpo`` (pairs of
 sequences of the given length) and ``grpo`` (completions of the given length). The model is a
@@ -46,10 +47,18 @@ METHODS = ("eager", "checkpointing", "budget0", "streambp", "streambp_inductor")
 OBJECTIVES = ("sft", "dpo", "grpo")
 
 
+def method_name(text: str) -> str:
+    base, _, chunk = text.partition(":")
+    if base not in METHODS or (chunk and (base != "streambp" or not chunk.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one of {METHODS} or streambp:<chunk size>")
+    return text
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m != "streambp_inductor"])
+    parser.add_argument("--methods", nargs="+", type=method_name, default=[m for m in METHODS if m != "streambp_inductor"],
+                        help=f"of {METHODS}; streambp:N runs streambp with chunk_size N")
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -123,6 +132,8 @@ def step_function(method, objective, model):
     def loss(inputs):
         return loss_of(objective, model, inputs)
 
+    if method.startswith("streambp:"):
+        return torch.compile(loss, backend="streambp", options={"chunk_size": int(method.partition(":")[2])})
     if method == "streambp":
         return torch.compile(loss, backend="streambp")
     if method == "streambp_inductor":
@@ -141,6 +152,11 @@ class Point:
     step_seconds: float | None
     failure: str | None = None
     floor_bytes: int | None = None  # see ``physical_floor``
+    parameter_bytes: int | None = None  # resident before the step, so not in ``peak_bytes``
+
+    def total_bytes(self) -> int:
+        """The step's peak with the parameters counted: what compares with the floor."""
+        return self.peak_bytes + self.parameter_bytes
 
 
 def physical_floor(model, sequences: int, length: int) -> int:
@@ -181,7 +197,9 @@ def measure(args, method, objective, lengths=None) -> list[Point]:
             seconds = statistics.median(time_step(step, args.repeats)) if length == time_at else None
             _, peak = measure_peak_memory(step)
             sequences = next(iter(inputs.values())).shape[0] * (2 if objective == "dpo" else 1)
-            points.append(Point(method, objective, length, peak, seconds, None, physical_floor(model, sequences, length)))
+            parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+            points.append(Point(method, objective, length, peak, seconds, None,
+                                physical_floor(model, sequences, length), parameters))
     return points
 
 
@@ -203,7 +221,8 @@ def longest_lengths(args, objective_fits) -> dict[str, int]:
 
 def markdown(args, points, fits, confirmations=()):
     mb = 2 ** 20
-    lines = [f"Peak memory (MB) of one training step; {describe(args)}", ""]
+    lines = [f"Peak memory (MB) allocated by one training step (the parameters, resident before and after, "
+             f"are not counted); {describe(args)}", ""]
     for objective in args.objectives:
         lines += [f"**{objective}**", "", "| tokens | " + " | ".join(args.methods) + " |",
                   "|---:|" + "---:|" * len(args.methods)]
@@ -215,8 +234,9 @@ def markdown(args, points, fits, confirmations=()):
         measured = [p for p in points if p.objective == objective and p.peak_bytes and p.floor_bytes]
         lines += ["", "Physical floor (parameters, gradients, saved layer inputs, one layer's K/V and their "
                   "gradients), MB: " + ", ".join(f"{floors[t] / mb:.1f} at {t}" for t in sorted(floors)),
-                  "", "Measured / physical floor: " + "; ".join(
-            f"{m} " + ", ".join(f"{p.peak_bytes / p.floor_bytes:.2f} at {p.length}" for p in measured if p.method == m)
+                  "", "Measured / physical floor (the peak above plus the parameters, "
+                  f"{measured[0].parameter_bytes / mb if measured else 0:.1f} MB, which exist before the step): " + "; ".join(
+            f"{m} " + ", ".join(f"{p.total_bytes() / p.floor_bytes:.2f} at {p.length}" for p in measured if p.method == m)
             for m in args.methods if any(p.method == m for p in measured))]
         lines += [f"{p.method} failed: {p.failure}" for p in points if p.objective == objective and p.failure]
         timed = {p.method: p.step_seconds for p in points if p.objective == objective and p.step_seconds}

@@ -6,21 +6,30 @@
 A small config with a huge vocabulary flatters streambp (its head is nearly all of the memory),
 so this script builds models with the real widths of Qwen3-4B, Llama-3.1-8B and Qwen3-8B (hidden,
 heads, KV heads, head dim, intermediate, vocabulary, tied or untied embeddings) but only a few
-layers, random weights, float32. For each method (HF activation checkpointing, streambp) it
+layers, random weights, float32 (or ``--dtype bfloat16``). For each method (HF activation checkpointing, streambp) it
 measures the peak memory of one SFT step (the HF ``labels=`` path, the profiler method of DESIGN
 §2) at every (layers, length), and fits
 
     peak(L, T) = fixed + L * fixed_per_layer + T * (head_per_token + L * layer_per_token)
 
-by least squares: the bytes per token of the head and embedding, and of each layer. With the
-fitted terms it extrapolates the peak at full depth and the longest sequence under ``--budget-gb`` (80 GB: the GPUs of the
+by least squares: the bytes per token of the head and embedding, and of each layer. The
+embedding and LM-head weights are frozen while measuring: at the lengths a CPU can run, the
+computation of their gradient (1.5 GB for a 150k vocabulary at width 2560, independent of T) sets
+the peak of both methods and hides the per-token terms. The measured peaks are of what a step
+allocates (the profiler method counts from the memory alive before the call); the parameters and
+the embedding gradients are added to the fixed terms afterwards, from the config; they do not
+grow with T. With the fitted terms the script extrapolates the peak
+at full depth and the longest sequence under ``--budget-gb`` (80 GB: the GPUs of the
 StreamBP paper, which reports Qwen3-4B SFT at 28.5k tokens with gradient checkpointing against
-200k with StreamBP, and Qwen3-8B backward at 20k against 110k; its runs are in bfloat16, these are
-float32, so every byte count here is about twice theirs and the ratios are what compare).
+200k with StreamBP, and Qwen3-8B backward at 20k against 110k, in bfloat16).
 
 streambp runs with ``chunk_size`` 128 here so that the measured lengths hold several chunks and
 the per-token costs are those of long sequences (at the default chunk size, 1024 for these widths,
-a 1024-token sequence is one chunk). Output: markdown on stdout and, with ``--json``, everything.
+a 1024-token sequence is one chunk). Its LM head is chunked as ``head_chunk_size="auto"`` chunks
+long sequences (logits as large as one hidden state), not at auto's 128-token floor, which
+would be a constant here and understate the head's per-token cost at the extrapolated lengths.
+
+Output: markdown on stdout and, with ``--json``, everything.
 """
 from __future__ import annotations
 
@@ -49,6 +58,7 @@ SHAPES = {
                      full_depth=36),
 }
 METHODS = ("checkpointing", "streambp")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GB = 1e9
 
 
@@ -64,8 +74,12 @@ def parse_args(argv):
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], help="at least two")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--chunk-size", type=int, default=128, help="streambp chunk_size (see the module docstring)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="of the parameters and activations (the HF loss computes in float32 either way)")
     parser.add_argument("--budget-gb", type=float, default=80.0)
     parser.add_argument("--json", default=None, help="write all measurements to this file")
+    parser.add_argument("--points", default=None,
+                        help="a --json file of an earlier run: its measurements are reused, not repeated")
     args = parser.parse_args(argv)
     if len(set(args.layers)) < 2 or len(set(args.lengths)) < 2:
         parser.error("the fit needs at least two layer counts and two lengths")
@@ -95,32 +109,49 @@ class Point:
     peak_bytes: int
 
 
-def sft_step(method: str, model, chunk_size: int):
+def sft_step(method: str, model, chunk_size: int, length: int):
     def loss(ids):
         return model(input_ids=ids, labels=ids, use_cache=False).loss
 
     if method == "streambp":
-        return torch.compile(loss, backend="streambp", options={"chunk_size": chunk_size})
+        options = {"chunk_size": chunk_size, "head_chunk_size": long_sequence_head_chunk(model, length)}
+        return torch.compile(loss, backend="streambp", options=options)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return loss
 
 
+def long_sequence_head_chunk(model, length: int) -> int:
+    """The LM-head chunk that ``head_chunk_size="auto"`` picks at long lengths: float32 logits (HF's
+    loss upcasts) as large as one hidden state, in a power of two. At the short lengths measured
+    here "auto" would pick its floor of 128 tokens, a constant that the fit would put in the fixed
+    bytes instead of the per-token ones, and so understate the head at the extrapolated lengths."""
+    hidden_bytes = model.config.hidden_size * next(model.parameters()).element_size()
+    tokens = max(1, length * hidden_bytes // (4 * model.config.vocab_size))
+    return 1 << (tokens.bit_length() - 1)
+
+
 def measure(args, shape: str, layers: int, method: str) -> list[Point]:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config(shape, layers)).train()
-    step_loss = sft_step(method, model, args.chunk_size)
+    model = AutoModelForCausalLM.from_config(model_config(shape, layers)).to(DTYPES[args.dtype]).train()
+    for weight in embedding_weights(model):
+        weight.requires_grad_(False)
+    vocab = model.config.vocab_size
+
+    def step(step_loss, length):
+        ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(length))
+        model.zero_grad(set_to_none=True)
+        step_loss(ids).backward()
+
     points = []
     for length in args.lengths:
-        ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
-
-        def step():
-            model.zero_grad(set_to_none=True)
-            step_loss(ids).backward()
-
         started = time.perf_counter()
-        step()  # warm-up (compilation)
-        _, peak = measure_peak_memory(step)
-        print(f"  {shape} {method:<13} layers={layers} T={length}: {peak / GB:.2f} GB "
+        step_loss = sft_step(method, model, args.chunk_size, length)
+        if method == "streambp":
+            # Compile on a short sequence: one step at these widths takes minutes. The long
+            # length then recompiles once for dynamic lengths, which allocates no tensor memory.
+            step(step_loss, 2 * args.chunk_size)
+        _, peak = measure_peak_memory(lambda: step(step_loss, length))
+        print(f"  {shape} {method:<13} layers={layers} T={length}: {size(peak)} "
               f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
         points.append(Point(shape, method, layers, length, peak))
     del model, step_loss
@@ -154,10 +185,30 @@ def fit(points: list[Point]) -> Fit:
     return Fit(*least_squares(rows, [p.peak_bytes for p in points]))
 
 
-def layer_parameter_bytes(shape: str) -> int:
+def embedding_weights(model) -> list[torch.nn.Parameter]:
+    """The input embedding and the LM head weight (once if tied)."""
+    weights = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+    return list({id(w): w for w in weights}.values())
+
+
+def embedding_gradient_bytes(shape: str, itemsize: int) -> int:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(shape, 1))
+    return sum(w.numel() * itemsize for w in embedding_weights(model))
+
+
+def with_resident_bytes(shape: str, measured: "Fit", itemsize: int) -> "Fit":
+    """The fit of what a step allocates, plus what exists before it: every parameter, and the
+    embedding and LM-head gradients that were not computed (see the module docstring)."""
+    embedding = embedding_gradient_bytes(shape, itemsize)
+    return Fit(measured.fixed + 2 * embedding, measured.fixed_per_layer + layer_parameter_bytes(shape, itemsize),
+               measured.head_per_token, measured.layer_per_token)
+
+
+def layer_parameter_bytes(shape: str, itemsize: int) -> int:
     """Bytes of one layer's parameters (float32), from the config: for comparison with the fitted
     fixed bytes per layer, which hold the parameters and whichever gradients exist at the peak."""
-    return (parameter_count(model_config(shape, 2)) - parameter_count(model_config(shape, 1))) * 4
+    return (parameter_count(model_config(shape, 2)) - parameter_count(model_config(shape, 1))) * itemsize
 
 
 PAPER = {  # StreamBP paper, 80 GB GPU: (gradient checkpointing, StreamBP) longest tokens
@@ -167,7 +218,8 @@ PAPER = {  # StreamBP paper, 80 GB GPU: (gradient checkpointing, StreamBP) longe
 
 
 def markdown(args, points, fits) -> str:
-    lines = [f"Real widths, SFT step, float32; {describe()}", ""]
+    itemsize = DTYPES[args.dtype].itemsize
+    lines = [f"Real widths, SFT step, {args.dtype}; {describe()}", ""]
     for shape in args.shapes:
         depth = SHAPES[shape]["full_depth"]
         lines += [f"**{shape}** (full depth {depth} layers)", "",
@@ -178,9 +230,11 @@ def markdown(args, points, fits) -> str:
                 row = [next(size(p.peak_bytes) for p in points
                             if (p.shape, p.method, p.layers, p.length) == (shape, method, layers, t)) for t in args.lengths]
                 lines.append(f"| {method} | {layers} | " + " | ".join(row) + " |")
-        lines += ["", f"Fit (one layer's parameters: {size(layer_parameter_bytes(shape))}):", "",
+        lines += ["", f"Fit of the measured peaks, plus what a step does not allocate: every parameter (one layer: "
+                  f"{size(layer_parameter_bytes(shape, itemsize))}) and the embedding and LM-head weights' gradients "
+                  f"({size(embedding_gradient_bytes(shape, itemsize))}), which were frozen while measuring:", "",
                   "| method | fixed | fixed per layer | head + embedding, per token | per layer, per token | "
-                  f"peak at {depth} layers, 32k tokens | longest under {args.budget_gb:.0f} GB |",
+                  f"peak at {depth} layers, 32k tokens | longest under {args.budget_gb:g} GB |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         longest = {}
         for method in args.methods:
@@ -206,20 +260,23 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
     points, fits = [], {}
+    saved = [Point(**p) for p in json.load(open(args.points))["points"]] if args.points else []
     for shape in args.shapes:
         fits[shape] = {}
         for method in args.methods:
             measured = []
             for layers in args.layers:
-                measured += measure(args, shape, layers, method)
+                again = [p for p in saved if (p.shape, p.method, p.layers) == (shape, method, layers)
+                         and p.length in args.lengths]
+                measured += again if len(again) == len(args.lengths) else measure(args, shape, layers, method)
             points += measured
-            fits[shape][method] = fit(measured)
+            fits[shape][method] = with_resident_bytes(shape, fit(measured), DTYPES[args.dtype].itemsize)
     print(markdown(args, points, fits))
     print(f"(measured in {time.perf_counter() - started:.0f} s; command: python benchmarks/real_shapes.py "
           + " ".join(sys.argv[1:] if argv is None else argv) + ")")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"setup": describe(), "points": [asdict(p) for p in points],
+            json.dump({"setup": describe(), "arguments": vars(args), "points": [asdict(p) for p in points],
                        "fits_bytes": {s: {m: asdict(f) for m, f in fs.items()} for s, fs in fits.items()}}, f, indent=2)
 
 

@@ -113,3 +113,12 @@ def test_compile_time_script(capsys):
                  "--vocab-size", "256", "--steps", "1"])
     out = capsys.readouterr().out
     assert re.search(r"\| streambp \| [\d.]+ s \| -?[\d.]+ s \| [\d.]+ s \|", out), out
+
+
+def test_profile_script(capsys):
+    module = load_script(EXAMPLES.parent / "benchmarks" / "profile_step.py")
+    module.main(["--method", "streambp", "--length", "64", "--hidden-size", "64", "--layers", "2",
+                 "--vocab-size", "256", "--rows", "200"])
+    out = capsys.readouterr().out
+    # The table lists the chunked ops of the profiled step.
+    assert "Self CPU" in out and "streambp::layer_backward" in out and "streambp::head_backward" in out, out
