@@ -399,7 +399,10 @@ def print_memory_table(results, lengths):
 
 
 def plot_memory(results, lengths, path, title):
-    """Write the peak-memory-versus-length plot; return False when matplotlib is missing."""
+    """Write the peak-memory-versus-length plot; return False when matplotlib is missing.
+
+    ``results`` have a ``name`` and ``peak_bytes`` by length; each is drawn at those of
+    ``lengths`` it was measured at (``benchmarks/plot_memory.py`` reuses this)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -410,8 +413,8 @@ def plot_memory(results, lengths, path, title):
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for result in results:
-        peaks_mb = [result.peak_bytes[length] / MB for length in lengths]
-        axes.plot(lengths, peaks_mb, marker="o", label=result.name)
+        measured = [length for length in lengths if length in result.peak_bytes]
+        axes.plot(measured, [result.peak_bytes[length] / MB for length in measured], marker="o", label=result.name)
     axes.set_xscale("log", base=2)
     axes.minorticks_off()
     axes.set_xticks(lengths, labels=[str(length) for length in lengths])

@@ -122,3 +122,18 @@ def test_profile_script(capsys):
     out = capsys.readouterr().out
     # The table lists the chunked ops of the profiled step.
     assert "Self CPU" in out and "streambp::layer_backward" in out and "streambp::head_backward" in out, out
+
+
+def test_plot_script_merges_runs_by_method(tmp_path):
+    module = load_script(EXAMPLES.parent / "benchmarks" / "plot_memory.py")
+
+    def run(name, points):
+        path = tmp_path / name
+        path.write_text(json.dumps({"setup": "tiny; torch", "points": [
+            {"method": m, "objective": o, "length": t, "peak_bytes": b} for m, o, t, b in points]}))
+        return str(path)
+
+    short = run("short.json", [("streambp", "sft", 1024, 10), ("checkpointing", "sft", 1024, 40),
+                               ("budget0", "sft", 1024, None), ("streambp", "dpo", 1024, 99)])
+    long = run("long.json", [("streambp", "sft", 1024, 11), ("streambp", "sft", 2048, 12)])
+    assert module.peaks_by_method([short, long], "sft") == {"streambp": {1024: 11, 2048: 12}, "checkpointing": {1024: 40}}
