@@ -309,6 +309,13 @@ def _token_bytes(node: fx.Node, full_length: int) -> int:
     return math.prod(size_hint(s) for s in value.shape) * value.element_size() // max(1, full_length)
 
 
+def _rows_per_token(node: fx.Node, full_length: int) -> int:
+    """Rows of ``node`` (all dims but the last, e.g. the logits' batch) per token: the LM-head
+    matmul's rows in a chunk are this times the chunk's tokens."""
+    shape = [size_hint(s) for s in example(node).shape]
+    return max(1, math.prod(shape[:-1]) // max(1, full_length))
+
+
 def outline_head(context: GraphContext, chunk_size, decision: HeadDecision) -> None:
     """Rewrite the head region of ``context.gm``, after ``context.last_layer_output``, into one
     ``streambp::head`` call, in place."""
@@ -368,6 +375,7 @@ def outline_head(context: GraphContext, chunk_size, decision: HeadDecision) -> N
         chunk_size=chunk_size,
         token_bytes_in=token_bytes_in,
         token_bytes_widest=_token_bytes(widest, full),
+        rows_per_token=_rows_per_token(widest, full),
     )
     _probe(plan, region, context)
     plan_id = register_plan(plan)

@@ -18,10 +18,11 @@ class StreamBPConfig:
                     [64, 1024]. Smaller chunks hold less memory and run more, smaller matmuls.
     head_chunk_size: tokens per chunk of the LM head and loss, or "auto" (default): a
                     chunk's widest value (its logits) holds about as many bytes as one
-                    full-length hidden state, in a power of two, and at least 128 tokens
-                    (smaller chunks spend their time reading the LM-head weight). At hidden
-                    256 and vocabulary 32768 in float32 that is 128 tokens up to T=16384, then
-                    T/128; at Qwen3-4B's widths, 128 up to about 8k tokens, then about T/59.
+                    full-length hidden state, in a power of two, and at least 128 rows of
+                    logits, batch x tokens (fewer spend their time reading the LM-head weight).
+                    At batch 1, hidden 256 and vocabulary 32768 in float32 that is 128 tokens
+                    up to T=16384, then T/128; at Qwen3-4B's widths, 128 up to about 8k
+                    tokens, then about T/59; at batch 4, 32 tokens up to T=4096.
     inner_compiler: "eager" runs the non-layer graph through AOTAutograd without code
                     generation and the chunk subgraphs as they are (exact, no compile time);
                     "inductor" generates code for the non-layer graph and, through

@@ -22,10 +22,11 @@ from .chunked_autograd import InputGradients, autograd_in_kernel, grad_placehold
 from .runtime import PLANS, InputRef
 
 # Each chunk multiplies by the whole LM-head weight three times (logits, and in backward the
-# input and weight gradients); with fewer tokens than this the time goes to reading that weight
-# and to per-chunk overhead, not to arithmetic. Measured (hidden 256, vocabulary 32768, T=2048):
-# 16-token chunks made the step 3.7x checkpointing's, 64 1.4x, 128 1.3x, 256 1.2x for 30% more memory.
-AUTO_HEAD_MIN_TOKENS = 128
+# input and weight gradients); with fewer rows (batch x tokens) than this the time goes to reading
+# that weight and to per-chunk overhead, not to arithmetic. Measured (hidden 256, vocabulary 32768,
+# T=2048, batch 1): 16-token chunks made the step 3.7x checkpointing's, 64 1.4x, 128 1.3x, 256 1.2x
+# for 30% more memory.
+AUTO_HEAD_MIN_ROWS = 128
 
 
 @dataclasses.dataclass
@@ -49,6 +50,7 @@ class HeadPlan:
     chunk_size: Union[int, str]
     token_bytes_in: int  # bytes per token of the widest sequence input (the hidden state)
     token_bytes_widest: int  # bytes per token of the widest value inside the region
+    rows_per_token: int = 1  # rows of that value (the logits) per token: the batch size
 
     def arguments(self, tensors, ints):
         return [tensors[r.index] if r.kind == "tensor" else ints[r.index] for r in self.inputs]
@@ -61,11 +63,12 @@ class HeadPlan:
 
     def chunk_length(self, full: int) -> int:
         """Tokens per chunk; "auto": a chunk's widest value (the logits) holds about as many bytes
-        as one full-length hidden state (``T x hidden``), in a power of two, and at least
-        ``AUTO_HEAD_MIN_TOKENS``."""
+        as one full-length hidden state (``B x T x hidden``), in a power of two, and at least
+        ``AUTO_HEAD_MIN_ROWS`` rows (batch x tokens)."""
         if self.chunk_size != "auto":
             return max(1, min(full, self.chunk_size))
-        tokens = max(AUTO_HEAD_MIN_TOKENS, full * self.token_bytes_in // max(1, self.token_bytes_widest))
+        floor = -(-AUTO_HEAD_MIN_ROWS // max(1, self.rows_per_token))
+        tokens = max(floor, full * self.token_bytes_in // max(1, self.token_bytes_widest))
         return max(1, min(full, 1 << (tokens.bit_length() - 1)))
 
     def chunks(self, full: int):

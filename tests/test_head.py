@@ -162,18 +162,23 @@ def test_dynamic_lengths_and_batch():
         assert_head_chunked(sbp_compiler.last_report())
 
 
-def test_auto_head_chunk_grows_with_the_hidden_state_above_a_floor():
-    from sbp_compiler.head_runtime import AUTO_HEAD_MIN_TOKENS, HeadPlan
+def test_auto_head_chunk_grows_with_the_hidden_state_above_a_floor_of_rows():
+    from sbp_compiler.head_runtime import AUTO_HEAD_MIN_ROWS, HeadPlan
 
     # hidden 256 and vocabulary 32768 in float32: logits as large as the hidden state at T/128 tokens.
     plan = HeadPlan(name="head", graph=None, inputs=[], input_seq_dims=[], outputs=[], output_shapes=[],
                     output_dtypes=[], symbol_sources={}, seq_input=0, chunk_size="auto",
                     token_bytes_in=256 * 4, token_bytes_widest=32768 * 4)
-    assert AUTO_HEAD_MIN_TOKENS == 128
+    assert AUTO_HEAD_MIN_ROWS == 128
     assert plan.chunk_length(100) == 100  # shorter than the floor: one chunk
     assert plan.chunk_length(8192) == 128  # T/128 = 64: the floor
     assert plan.chunk_length(65536) == 512  # T/128
     assert plan.chunk_length(100_000) == 512  # 781, rounded down to a power of two
     assert list(plan.chunks(300)) == [(0, 128), (128, 256), (256, 300)]
+    # Batch 4 (DPO's chosen and rejected pairs): the floor is 128 rows, 32 tokens.
+    batched = HeadPlan(**{**plan.__dict__, "token_bytes_in": 4 * 256 * 4, "token_bytes_widest": 4 * 32768 * 4,
+                          "rows_per_token": 4})
+    assert batched.chunk_length(1024) == 32 and batched.chunk_length(65536) == 512
+    assert HeadPlan(**{**batched.__dict__, "rows_per_token": 3}).chunk_length(1024) == 32  # 43, rounded down
     fixed = HeadPlan(**{**plan.__dict__, "chunk_size": 3})
     assert fixed.chunk_length(100) == 3 and fixed.chunk_length(2) == 2
