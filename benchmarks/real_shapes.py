@@ -1,7 +1,7 @@
 """Longest trainable sequence at real model widths, extrapolated from a few layers to full depth.
 
     python benchmarks/real_shapes.py                                   # Qwen3-4B and Llama-3.1-8B
-    python benchmarks/real_shapes.py --shapes qwen3-4b --layers 1 2 4 --lengths 512 1024
+    python benchmarks/real_shapes.py --shapes qwen3-4b --layers 1 2 --check-layers 4 --lengths 512 1024
 
 A small config with a huge vocabulary flatters streambp (its head is nearly all of the memory),
 so this script builds models with the real widths of Qwen3-4B, Llama-3.1-8B and Qwen3-8B (hidden,
@@ -22,6 +22,12 @@ grow with T. With the fitted terms the script extrapolates the peak
 at full depth and the longest sequence under ``--budget-gb`` (80 GB: the GPUs of the
 StreamBP paper, which reports Qwen3-4B SFT at 28.5k tokens with gradient checkpointing against
 200k with StreamBP, and Qwen3-8B backward at 20k against 110k, in bfloat16).
+
+The fit models the phase of the step that sets the peak at long sequences (for checkpointing,
+the head's backward, with its whole-sequence logits). A step peaks in whichever phase is larger,
+so at a short length and more layers checkpointing's peak can move into the layers' backward,
+where every layer's weight gradient is alive. ``--check-layers`` measures more layer counts
+without fitting them and prints the fit's prediction beside each measured peak.
 
 streambp runs with ``chunk_size`` 128 here so that the measured lengths hold several chunks and
 the per-token costs are those of long sequences (at the default chunk size, 1024 for these widths,
@@ -72,6 +78,8 @@ def parse_args(argv):
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2],
                         help="layer counts to measure (at least two; memory grows with the model)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], help="at least two")
+    parser.add_argument("--check-layers", type=int, nargs="*", default=[],
+                        help="layer counts measured to check the fit's prediction, not fitted")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--chunk-size", type=int, default=128, help="streambp chunk_size (see the module docstring)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -226,7 +234,7 @@ def markdown(args, points, fits) -> str:
                   "| method | layers | " + " | ".join(f"T={t}" for t in args.lengths) + " |",
                   "|---|---:|" + "---:|" * len(args.lengths)]
         for method in args.methods:
-            for layers in args.layers:
+            for layers in args.layers + args.check_layers:
                 row = [next(size(p.peak_bytes) for p in points
                             if (p.shape, p.method, p.layers, p.length) == (shape, method, layers, t)) for t in args.lengths]
                 lines.append(f"| {method} | {layers} | " + " | ".join(row) + " |")
@@ -238,13 +246,23 @@ def markdown(args, points, fits) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|"]
         longest = {}
         for method in args.methods:
-            f = fits[shape][method]
+            f = fits[shape][method][1]
             longest[method] = f.longest(depth, args.budget_gb * GB)
             lines.append(f"| {method} | {size(f.fixed)} | {size(f.fixed_per_layer)} | "
                          f"{f.head_per_token / 1e3:.1f} kB | {f.layer_per_token / 1e3:.1f} kB | "
                          f"{size(f.peak(depth, 32768))} | {longest[method]:,} |")
         if longest.get("checkpointing") and "streambp" in longest:
             lines += ["", f"streambp / checkpointing, longest sequence: **{longest['streambp'] / longest['checkpointing']:.1f}x**"]
+        if args.check_layers:
+            lines += ["", f"Check: peaks measured at {', '.join(map(str, args.check_layers))} layers against the fit "
+                      f"through {', '.join(map(str, args.layers))} layers:", ""]
+            for method in args.methods:
+                for p in points:
+                    if (p.shape, p.method) == (shape, method) and p.layers in args.check_layers:
+                        predicted = fits[shape][method][0].peak(p.layers, p.length)
+                        lines.append(f"- {method}, {p.layers} layers, T={p.length}: measured {size(p.peak_bytes)}, "
+                                     f"predicted {size(predicted)} ({p.peak_bytes / predicted:.2f}x)")
+            lines.append("")
         if shape in PAPER:
             what, ckpt, sbp = PAPER[shape]
             lines.append(f"(StreamBP paper, {what}, bfloat16 on 80 GB: {ckpt:,} against {sbp:,}, {sbp / ckpt:.1f}x)")
@@ -265,19 +283,20 @@ def main(argv=None):
         fits[shape] = {}
         for method in args.methods:
             measured = []
-            for layers in args.layers:
+            for layers in args.layers + args.check_layers:
                 again = [p for p in saved if (p.shape, p.method, p.layers) == (shape, method, layers)
                          and p.length in args.lengths]
                 measured += again if len(again) == len(args.lengths) else measure(args, shape, layers, method)
             points += measured
-            fits[shape][method] = with_resident_bytes(shape, fit(measured), DTYPES[args.dtype].itemsize)
+            fitted = fit([p for p in measured if p.layers in args.layers])
+            fits[shape][method] = fitted, with_resident_bytes(shape, fitted, DTYPES[args.dtype].itemsize)
     print(markdown(args, points, fits))
     print(f"(measured in {time.perf_counter() - started:.0f} s; command: python benchmarks/real_shapes.py "
           + " ".join(sys.argv[1:] if argv is None else argv) + ")")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"setup": describe(), "arguments": vars(args), "points": [asdict(p) for p in points],
-                       "fits_bytes": {s: {m: asdict(f) for m, f in fs.items()} for s, fs in fits.items()}}, f, indent=2)
+                       "fits_bytes": {s: {m: asdict(f[1]) for m, f in fs.items()} for s, fs in fits.items()}}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -97,10 +97,13 @@ def test_real_shapes_script(capsys):
     module.SHAPES["tiny"] = dict(model_type="qwen3", hidden_size=64, intermediate_size=96, num_attention_heads=4,
                                  num_key_value_heads=2, head_dim=16, vocab_size=4096, tie_word_embeddings=False,
                                  full_depth=8)
-    module.main(["--shapes", "tiny", "--layers", "1", "2", "--lengths", "256", "512", "--chunk-size", "32",
-                 "--budget-gb", "0.1"])
+    module.main(["--shapes", "tiny", "--layers", "1", "2", "--check-layers", "3", "--lengths", "256", "512",
+                 "--chunk-size", "32", "--budget-gb", "0.1"])
     out = capsys.readouterr().out
-    assert out.count("| checkpointing |") == 3 and out.count("| streambp |") == 3, out
+    assert out.count("| checkpointing |") == 4 and out.count("| streambp |") == 4, out
+    # The 3-layer peaks are printed against the fit's prediction, not fitted.
+    checks = re.findall(r"- (\w+), 3 layers, T=(\d+): measured .*\(([\d.]+)x\)", out)
+    assert len(checks) == 4, out
     # Checkpointing holds the logits of every token (4096 floats and their gradients); streambp a
     # chunk's worth, so its longest sequence is several times longer.
     ratio = float(re.search(r"longest sequence: \*\*([\d.]+)x\*\*", out).group(1))
