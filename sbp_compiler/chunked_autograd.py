@@ -39,6 +39,13 @@ class InputGradients:
             target = target.narrow(seq_dim, start, end - start)
         target.add_(grad)
 
+    def add_chunk(self, indices, chunk_grads, seq_dims, start: int, end: int) -> None:
+        """One chunk's gradients of the inputs ``indices`` (``seq_dims`` as for ``add``). A
+        method, so no loop variable outlives the call: a weight's chunk gradient is as large as
+        the weight, and must be freed before the next chunk computes its own."""
+        for index, grad, seq_dim in zip(indices, chunk_grads, seq_dims):
+            self.add(index, grad, seq_dim, start, end)
+
     def result(self) -> list[torch.Tensor]:
         """An input that needs a gradient but did not reach an output gets zeros of its shape, as
         the fake implementations promise; the others get a placeholder scalar."""

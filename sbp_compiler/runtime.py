@@ -199,8 +199,8 @@ def layer_backward(
         return leaves
 
     def accumulate(leaves, leaf_grads, start, end):
-        for i, grad in zip(leaves, leaf_grads):
-            grads.add(plan.layer_inputs[i].index, grad, plan.query_slice_dims[i], start, end)
+        grads.add_chunk([plan.layer_inputs[i].index for i in leaves], leaf_grads,
+                        [plan.query_slice_dims[i] for i in leaves], start, end)
 
     with autograd_in_kernel():
         with torch.no_grad():
@@ -225,7 +225,8 @@ def layer_backward(
                 if grad is not None:
                     target.narrow(plan.kv_seq_dim, 0, end).add_(grad)
             accumulate(leaves, chunk_grads[2:], start, end)
-            del chunk_grads, args, leaves
+            # Nothing of this chunk may outlive it: its gradients are prefix- and weight-sized.
+            del chunk_grads, args, leaves, grad
         # The prefix contributions: dK/dV through the K/V projections, once per layer (chunk
         # by chunk: the K/V computation is token-wise).
         del key, value
@@ -241,6 +242,7 @@ def layer_backward(
                 allow_unused=True,
             )
             accumulate(leaves, kv_grads, start, end)
+            del kv_grads, args, leaves, key_chunk, value_chunk
     return grads.result()
 
 
