@@ -28,7 +28,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from sbp_compiler.head_runtime import HeadPlan, OutputLayout, evaluate, head_forward
+from sbp_compiler.head_runtime import HeadPlan, OutputLayout, evaluate, head_forward, head_forward_with_gradients
 from sbp_compiler.report import HeadDecision
 from sbp_compiler.runtime import register_plan
 
@@ -376,10 +376,12 @@ def outline_head(context: GraphContext, chunk_size, decision: HeadDecision) -> N
         token_bytes_in=token_bytes_in,
         token_bytes_widest=_token_bytes(widest, full),
         rows_per_token=_rows_per_token(widest, full),
+        gradients_in_forward=_gradients_in_forward(region),
     )
     _probe(plan, region, context)
     plan_id = register_plan(plan)
-    _replace(context.gm, region, plan_id, tensors, ints)
+    op = torch.ops.streambp.head_with_gradients if plan.gradients_in_forward else torch.ops.streambp.head
+    _replace(context.gm, region, op.default, plan_id, tensors, ints)
 
     decision.chunked = True
     decision.nodes = [n.name for n in region.members if isinstance(example(n), torch.Tensor)]
@@ -392,6 +394,36 @@ def outline_head(context: GraphContext, chunk_size, decision: HeadDecision) -> N
         f"auto (now {plan.chunk_length(full)} of {full} tokens)"
     )
     decision.rescaled_arguments = extracted.rescaled
+    decision.gradients_in_forward = bool(plan.gradients_in_forward)
+
+
+def _gradients_in_forward(region: HeadRegion) -> list[int]:
+    """The inputs whose gradients forward can compute: all that need one, if the region's one
+    output reaches the loss only through full sums. Then the output's gradient is one value
+    repeated, and backward only scales what forward computed for a gradient of ones (the runtime
+    checks that it is, and recomputes otherwise). Otherwise none."""
+    if len(region.outputs) != 1:
+        return []
+    (out,) = region.outputs
+    value = example(out)
+    if not (isinstance(value, torch.Tensor) and value.requires_grad and value.is_floating_point()):
+        return []
+    members = set(region.members)
+    users = [u for u in out.users if u not in members]
+    if not users or not all(_is_full_sum(u, out) for u in users):
+        return []
+    return [
+        i for i, n in enumerate(region.inputs)
+        if isinstance(example(n), torch.Tensor) and example(n).requires_grad
+    ]
+
+
+def _is_full_sum(node: fx.Node, value: fx.Node) -> bool:
+    """``value.sum()`` or ``torch.sum(value)``: every element, no dtype or dims."""
+    plain_sum = (node.op == "call_method" and node.target == "sum") or (
+        node.op == "call_function" and node.target is torch.sum
+    )
+    return plain_sum and node.args == (value,) and not node.kwargs
 
 
 def _probe(plan: HeadPlan, region: HeadRegion, context: GraphContext) -> None:
@@ -414,9 +446,16 @@ def _probe(plan: HeadPlan, region: HeadRegion, context: GraphContext) -> None:
     for name, a, b in zip((n.name for n in region.outputs), whole, chunked):
         if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
             raise CannotChunk(Reason.SHAPE_PROBE, f"head output {name}: chunked run differs from the whole region")
+    if plan.gradients_in_forward:
+        probe_plan.gradients_in_forward = plan.gradients_in_forward
+        try:
+            head_forward_with_gradients(probe_plan, tensors, ints, stated_length=context.full_length)
+        except Exception as error:  # then backward recomputes, as for any other head
+            log.info("streambp: head gradients stay in backward: %r", error)
+            plan.gradients_in_forward = []
 
 
-def _replace(gm: fx.GraphModule, region: HeadRegion, plan_id: int, tensors: list, ints: list) -> None:
+def _replace(gm: fx.GraphModule, region: HeadRegion, op, plan_id: int, tensors: list, ints: list) -> None:
     graph = gm.graph
     position = {n: i for i, n in enumerate(graph.nodes)}
     last_input = max(region.inputs, key=position.__getitem__)
@@ -427,7 +466,7 @@ def _replace(gm: fx.GraphModule, region: HeadRegion, plan_id: int, tensors: list
     if position[last_input] >= first_use:
         raise CannotChunk(Reason.HEAD_LAYOUT, f"{last_input.name} is computed after a head output is used")
     with graph.inserting_after(last_input):
-        call = graph.call_function(torch.ops.streambp.head.default, (plan_id, list(tensors), list(ints)))
+        call = graph.call_function(op, (plan_id, list(tensors), list(ints)))
     call.meta["example_value"] = [example(o) for o in region.outputs]
     results, previous = [], call
     for i, out in enumerate(region.outputs):

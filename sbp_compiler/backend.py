@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
-from torch._functorch.aot_autograd import make_boxed_func
+from torch._dynamo.backends.debugging import boxed_nop
 
 from passes.errors import CannotChunk
 from passes.head import outline_head
@@ -62,7 +62,10 @@ def _inner_compile(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, ex
     def keep(name):
         def compiler(graph: fx.GraphModule, inputs):
             dump(name, graph)
-            return make_boxed_func(graph.forward)
+            # Boxed calling convention: the graph clears its argument list, so each saved tensor
+            # (a layer's input, the head's gradients) is freed after its last use in backward,
+            # not when the whole backward returns.
+            return boxed_nop(graph, inputs)
 
         return compiler
 

@@ -5,6 +5,8 @@ token-wise, so it runs chunk by chunk along the sequence: forward writes each ch
 (per-token values such as log-probabilities or losses) into full-length buffers and keeps only
 the op's inputs; backward recomputes each chunk with gradient-tracking leaves and backprops that
 chunk's slice of the output gradients. The ``[B, T, vocab]`` logits exist one chunk at a time.
+When the loss only sums the head's one output, ``streambp::head_with_gradients`` computes the
+gradients in forward instead, and backward scales them (see the ops below).
 
 An output's sequence dim may be merged with others (``[B*T]`` after ``view(-1)``): its layout is
 ``outer x T x inner`` along that dim, with ``outer``/``inner`` sympy expressions in the graph's
@@ -18,7 +20,9 @@ from typing import Callable, Optional, Sequence, Union
 import sympy
 import torch
 
-from .chunked_autograd import InputGradients, autograd_in_kernel, grad_placeholders_fake, op_input_grads, save_op_inputs
+from .chunked_autograd import (
+    InputGradients, autograd_in_kernel, grad_placeholders_fake, inputs_needing_grad, op_input_grads, save_op_inputs,
+)
 from .runtime import PLANS, InputRef
 
 # Each chunk multiplies by the whole LM-head weight three times (logits, and in backward the
@@ -51,6 +55,9 @@ class HeadPlan:
     token_bytes_in: int  # bytes per token of the widest sequence input (the hidden state)
     token_bytes_widest: int  # bytes per token of the widest value inside the region
     rows_per_token: int = 1  # rows of that value (the logits) per token: the batch size
+    # Arguments (positions in ``inputs``) whose gradients forward computes, when the one output
+    # reaches the loss only through full sums (see ``head_with_gradients``); empty otherwise.
+    gradients_in_forward: list[int] = dataclasses.field(default_factory=list)
 
     def arguments(self, tensors, ints):
         return [tensors[r.index] if r.kind == "tensor" else ints[r.index] for r in self.inputs]
@@ -152,6 +159,50 @@ def head_forward(
     return outputs
 
 
+def head_forward_with_gradients(
+    plan: HeadPlan, tensors: Sequence[torch.Tensor], ints: Sequence[int], stated_length: Optional[int] = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The one output, and the gradients of ``plan.gradients_in_forward`` for an output gradient
+    of ones: what backward would compute for a summed loss, computed while the logits exist.
+    Each chunk's head then runs once per step instead of twice (forward, and again in backward).
+    ``stated_length`` as for ``head_forward``."""
+    arguments = plan.arguments(tensors, ints)
+    full = plan.length(tensors)
+    plan.check_lengths(arguments, full)
+    binding = plan.sizes(tensors)
+    (layout,) = plan.outputs
+    wanted = plan.gradients_in_forward
+    grads = InputGradients([arguments[i] for i in wanted], [True] * len(wanted))
+    output = None
+    with autograd_in_kernel():
+        whole_leaves = {i: arguments[i].detach().requires_grad_() for i in wanted if plan.input_seq_dims[i] is None}
+        for start, end in plan.chunks(full):
+            args = plan.sliced(arguments, start, end)
+            leaves = {i: whole_leaves[i] if i in whole_leaves else args[i].detach().requires_grad_() for i in wanted}
+            for i, leaf in leaves.items():
+                args[i] = leaf
+            (chunk,) = plan.graph(*args, stated_length or full, end - start)
+            if output is None:
+                output = _full_buffer(chunk, layout, end - start, full)
+            target, dim = plan.output_view(output, layout, binding, full)
+            source, _ = plan.output_view(chunk.detach(), layout, binding, end - start)
+            target.narrow(dim, start, end - start).copy_(source)
+            if chunk.requires_grad:
+                leaf_grads = torch.autograd.grad(chunk, list(leaves.values()), torch.ones_like(chunk), allow_unused=True)
+                grads.add_chunk(range(len(leaves)), leaf_grads, [plan.input_seq_dims[i] for i in leaves], start, end)
+                del leaf_grads
+            del chunk, args, leaves
+    return output, grads.result()
+
+
+def uniform_value(grad: torch.Tensor) -> Optional[torch.Tensor]:
+    """The value of every element of ``grad`` if they are all equal (and finite), else None."""
+    first = grad.reshape(-1)[:1]
+    if first.numel() == 0 or not bool(torch.isfinite(first).all()) or not bool((grad == first).all()):
+        return None
+    return first.reshape(())
+
+
 def _full_buffer(chunk: torch.Tensor, layout: OutputLayout, chunk_length: int, full: int) -> torch.Tensor:
     shape = list(chunk.shape)
     shape[layout.dim] = shape[layout.dim] // chunk_length * full
@@ -190,13 +241,17 @@ def head_backward(
             if not differentiable:
                 continue
             leaf_grads = torch.autograd.grad(differentiable, list(leaves.values()), seeds, allow_unused=True)
-            for i, grad in zip(leaves, leaf_grads):
-                grads.add(plan.inputs[i].index, grad, plan.input_seq_dims[i], start, end)
-            del leaf_grads, chunk_outputs, args, leaves
+            grads.add_chunk([plan.inputs[i].index for i in leaves], leaf_grads,
+                            [plan.input_seq_dims[i] for i in leaves], start, end)
+            del leaf_grads, chunk_outputs, args, leaves, differentiable, seeds
     return grads.result()
 
 
 # -- the custom ops ---------------------------------------------------------------------------
+# ``streambp::head``: outputs only; backward recomputes every chunk.
+# ``streambp::head_with_gradients``: the one output and the gradients for a summed loss; backward
+# scales them when its output gradient is one value repeated (the loss is a sum or mean of the
+# output), and otherwise recomputes like ``streambp::head`` (still exact, just not faster).
 
 @torch.library.custom_op("streambp::head", mutates_args=())
 def head_op(plan_id: int, tensors: list[torch.Tensor], ints: list[int]) -> list[torch.Tensor]:
@@ -246,3 +301,65 @@ def _backward(ctx, grad_outputs):
 
 
 head_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("streambp::head_with_gradients", mutates_args=())
+def head_with_gradients_op(plan_id: int, tensors: list[torch.Tensor], ints: list[int]) -> list[torch.Tensor]:
+    output, grads = head_forward_with_gradients(PLANS[plan_id], tensors, ints)
+    return [output, *grads]
+
+
+@head_with_gradients_op.register_fake
+def _head_with_gradients_fake(plan_id, tensors, ints):
+    plan = PLANS[plan_id]
+    arguments = plan.arguments(tensors, ints)
+    return _head_fake(plan_id, tensors, ints) + [torch.empty_like(arguments[i]) for i in plan.gradients_in_forward]
+
+
+@torch.library.custom_op("streambp::head_backward_from_forward", mutates_args=())
+def head_backward_from_forward_op(
+    plan_id: int,
+    tensors: list[torch.Tensor],
+    ints: list[int],
+    grad_output: torch.Tensor,
+    forward_grads: list[torch.Tensor],
+    needs_grad: list[bool],
+) -> list[torch.Tensor]:
+    plan = PLANS[plan_id]
+    scale = uniform_value(grad_output)
+    covered = {plan.inputs[i].index: g for i, g in zip(plan.gradients_in_forward, forward_grads)}
+    if scale is None or any(need and index not in covered for index, need in enumerate(needs_grad)):
+        return head_backward(plan, tensors, ints, [grad_output], needs_grad)
+    return [
+        covered[index] * scale if need else t.new_zeros(())
+        for index, (t, need) in enumerate(zip(tensors, needs_grad))
+    ]
+
+
+@head_backward_from_forward_op.register_fake
+def _head_backward_from_forward_fake(plan_id, tensors, ints, grad_output, forward_grads, needs_grad):
+    return grad_placeholders_fake(tensors, needs_grad)
+
+
+def _setup_context_with_gradients(ctx, inputs, output):
+    plan_id, tensors, ints = inputs
+    ctx.plan_id, ctx.ints = plan_id, ints
+    ctx.needs_grad = inputs_needing_grad(tensors)
+    ctx.input_count = len(tensors)
+    ctx.save_for_backward(*tensors, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward_with_gradients(ctx, grad_outputs):
+    grad_output = grad_outputs[0]
+    if grad_output is None:  # the output does not reach the loss
+        return op_input_grads(ctx, [None] * len(ctx.needs_grad))
+    saved = list(ctx.saved_tensors)
+    tensors, forward_grads = saved[:ctx.input_count], saved[ctx.input_count:]
+    grads = torch.ops.streambp.head_backward_from_forward(
+        ctx.plan_id, tensors, ctx.ints, grad_output, forward_grads, ctx.needs_grad
+    )
+    return op_input_grads(ctx, grads)
+
+
+head_with_gradients_op.register_autograd(_backward_with_gradients, setup_context=_setup_context_with_gradients)

@@ -42,6 +42,7 @@ class HeadDecision:
     outputs: list[tuple] = dataclasses.field(default_factory=list)  # (name, shape, as wide as the widest)
     stops: list[tuple] = dataclasses.field(default_factory=list)  # (op, why it stays outside)
     rescaled_arguments: int = 0
+    gradients_in_forward: bool = False  # the loss sums the output: forward computes the head's gradients
 
     @property
     def whole_outputs(self) -> list[str]:
@@ -58,6 +59,9 @@ class HeadDecision:
         if self.split_losses:
             lines.append(f"    losses split into per-token losses and a sum: {', '.join(self.split_losses)}")
         lines.append("    outputs: " + ", ".join(f"{name} {shape}" for name, shape, _ in self.outputs))
+        if self.gradients_in_forward:
+            lines.append("    gradients computed in forward: the loss sums the output, so backward scales them "
+                         "instead of recomputing the head")
         lines += [f"    ends at {name}: {why}" for name, why in self.stops]
         for name in self.whole_outputs:
             lines.append(

@@ -37,9 +37,11 @@ def compiled_loss(model, **extra):
     return eager_and_compiled(loss)
 
 
-def assert_head_chunked(report, whole=()):
+def assert_head_chunked(report, whole=(), gradients_in_forward=None):
     assert report.head.chunked, report
     assert report.head.whole_outputs == list(whole), report
+    if gradients_in_forward is not None:
+        assert report.head.gradients_in_forward is gradients_in_forward, report
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -50,7 +52,8 @@ def test_labels_path_with_prompt_masking_padding_and_lengths(arch):
     eager, compiled = compiled_loss(model)
     for length in (13, 7):
         assert_exact(model, compiled, batch(length, pad=3), 1e-10, eager)
-        assert_head_chunked(sbp_compiler.last_report())
+        # The loss sums the per-token losses: forward computes the head's gradients.
+        assert_head_chunked(sbp_compiler.last_report(), gradients_in_forward=True)
     assert sbp_compiler.last_report().head.split_losses  # the mean was split into a per-token sum
 
 
@@ -119,7 +122,7 @@ def test_returned_logits_exist_and_the_report_says_so():
     compiled = torch.compile(model, backend="streambp", options=OPTIONS)
     assert_exact(model, compiled, batch(13, pad=3), 1e-10)
     report = sbp_compiler.last_report()
-    assert_head_chunked(report, whole=["logits"])
+    assert_head_chunked(report, whole=["logits"], gradients_in_forward=False)  # two outputs
     assert "WHOLE: logits" in str(report)
 
 
@@ -182,3 +185,42 @@ def test_auto_head_chunk_grows_with_the_hidden_state_above_a_floor_of_rows():
     assert HeadPlan(**{**batched.__dict__, "rows_per_token": 3}).chunk_length(1024) == 32  # 43, rounded down
     fixed = HeadPlan(**{**plan.__dict__, "chunk_size": 3})
     assert fixed.chunk_length(100) == 3 and fixed.chunk_length(2) == 2
+
+
+def test_gradients_from_forward_are_scaled_or_recomputed_exactly():
+    """``streambp::head_with_gradients`` on a hand-made head (per-token logsumexp of the logits):
+    an output gradient of one repeated value scales what forward computed; any other gradient
+    (per-token weights, a non-finite value) makes backward recompute. Both equal autograd's."""
+    import sympy
+
+    from sbp_compiler.head_runtime import HeadPlan, OutputLayout, head_forward_with_gradients, uniform_value
+    from sbp_compiler.runtime import InputRef, register_plan
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 11, 8, dtype=torch.float64, generator=generator)
+    weight = torch.randn(20, 8, dtype=torch.float64, generator=generator)
+    plan = HeadPlan(
+        name="head", graph=lambda h, w, full, length: (torch.logsumexp(h @ w.T, -1),),
+        inputs=[InputRef("tensor", 0), InputRef("tensor", 1)], input_seq_dims=[1, None],
+        outputs=[OutputLayout(1, sympy.Integer(1), sympy.Integer(1))], output_shapes=[(2, 11)],
+        output_dtypes=[torch.float64], symbol_sources={}, seq_input=0, chunk_size=4,
+        token_bytes_in=64, token_bytes_widest=160, gradients_in_forward=[0, 1],
+    )
+    plan_id = register_plan(plan)
+    output, forward_grads = head_forward_with_gradients(plan, [hidden, weight], [])
+
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    expected_output = torch.logsumexp(leaves[0] @ leaves[1].T, -1)
+    torch.testing.assert_close(output, expected_output.detach(), rtol=1e-12, atol=0)
+    uniform = torch.full((2, 11), 0.37, dtype=torch.float64).expand(2, 11)
+    weighted = torch.randn(2, 11, dtype=torch.float64, generator=generator)
+    infinite = uniform.clone()
+    infinite[0, 0] = float("inf")
+    assert uniform_value(uniform) == 0.37 and uniform_value(weighted) is None and uniform_value(infinite) is None
+    for grad_output in (uniform, weighted, infinite):
+        expected = torch.autograd.grad(expected_output, leaves, grad_output, retain_graph=True)
+        got = torch.ops.streambp.head_backward_from_forward(
+            plan_id, [hidden, weight], [], grad_output, forward_grads, [True, True]
+        )
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=0, equal_nan=True)
