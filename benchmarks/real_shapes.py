@@ -155,9 +155,11 @@ def measure(args, shape: str, layers: int, method: str) -> list[Point]:
         started = time.perf_counter()
         step_loss = sft_step(method, model, args.chunk_size, length)
         if method == "streambp":
-            # Compile on a short sequence: one step at these widths takes minutes. The long
-            # length then recompiles once for dynamic lengths, which allocates no tensor memory.
+            # Compile on short sequences: one step at these widths takes minutes. Two lengths,
+            # so that the graph for dynamic lengths is compiled (and its layers probed) too,
+            # before the long step is measured.
             step(step_loss, 2 * args.chunk_size)
+            step(step_loss, 2 * args.chunk_size + 1)
         _, peak = measure_peak_memory(lambda: step(step_loss, length))
         print(f"  {shape} {method:<13} layers={layers} T={length}: {size(peak)} "
               f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)

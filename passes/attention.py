@@ -21,7 +21,8 @@ from .errors import CannotChunk, Reason
 from .seq_dims import op_name, shape_of, size_hint as size_hint_of
 
 # Ops allowed between the score matmul and the softmax, and between softmax and the value matmul.
-_SCORE_CHAIN = {"mul", "truediv", "div", "add", "sub", "to", "float", "type", "type_as", "tanh", "where", "masked_fill", "contiguous"}
+_SCORE_CHAIN = {"mul", "truediv", "div", "add", "sub", "to", "float", "type", "type_as", "tanh", "where", "masked_fill",
+                "contiguous", "cat", "concat", "concatenate"}
 _PROB_CHAIN = {"to", "float", "type", "type_as", "dropout", "contiguous"}
 
 
@@ -118,29 +119,85 @@ def _sdpa(node: fx.Node) -> Attention:
     )
 
 
+_KEY_REDUCTIONS = {"max", "amax", "logsumexp"}
+
+
+def _key_reduction(node: fx.Node, source: Optional[fx.Node] = None) -> Optional[list]:
+    """The nodes of ``source.max(-1, keepdim)[0]`` / ``amax(-1)`` / ``logsumexp(-1)``: a reduction
+    over the keys that masked keys (at the dtype's minimum, or -inf) do not change, so it is the
+    same over the chunk's key prefix as over every key. None if ``node`` is not one."""
+    nodes = [node]
+    if op_name(node) == "getitem" and node.args[1] == 0 and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+        nodes.append(node)
+    if op_name(node) not in _KEY_REDUCTIONS or not node.args or (source is not None and node.args[0] is not source):
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    ndim = len(shape_of(node.args[0]) or ())
+    if not isinstance(dim, int) or dim % max(ndim, 1) != ndim - 1:
+        return None
+    if op_name(node) == "max" and op_name(nodes[0]) != "getitem":
+        return None
+    return nodes
+
+
+def _ancestors_of(node: fx.Node) -> set:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
 def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
-    """The eager attention around ``softmax``, or None if it is some other softmax."""
+    """The eager attention around ``softmax``, or None if it is some other softmax.
+
+    Walks from the softmax back to the score matmul over scaling, soft-capping, casts, the mask
+    and attention sinks (a learned per-head logit joined to the keys, ``cat([scores, sinks],
+    -1)``, dropped again after the softmax), and a stable softmax's ``scores - scores.max(-1)``;
+    then forward to the value matmul. Reductions over the keys of the masked scores elsewhere in
+    the layer (a sink's ``logsumexp``) are part of the attention too."""
     chain = [softmax]
-    mask, mask_user = None, None
+    extra: list[fx.Node] = []
+    mask, mask_user, sinks = None, None, []
     node = softmax.args[0]
     while op_name(node) in _SCORE_CHAIN:
         chain.append(node)
-        # The operand that is not the running scores and comes from outside the attention.
-        others = [a for a in node.all_input_nodes if a is not node.all_input_nodes[0]]
+        if op_name(node) in ("cat", "concat", "concatenate"):
+            pieces = node.args[0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            ndim = len(shape_of(node))
+            if not isinstance(pieces, (list, tuple)) or len(pieces) < 2 or dim % ndim != ndim - 1:
+                return None
+            sinks.extend(pieces[1:])
+            node = pieces[0]
+            continue
+        inputs = node.all_input_nodes
+        reductions = [a for a in inputs for b in inputs if b is not a and _key_reduction(a, b)]
+        for reduction in reductions:
+            extra.extend(_key_reduction(reduction))
+        rest = [a for a in inputs if a not in reductions]
+        scores_in = [a for a in rest if not _from_outside(a, layer_inputs)]
         if op_name(node) in ("add", "where", "masked_fill", "sub"):
-            for other in others:
-                if _from_outside(other, layer_inputs):
+            for other in rest:
+                if other not in scores_in:
                     if mask is not None:
                         raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{node.name}: two mask operands")
                     mask, mask_user = other, node
-        node = node.all_input_nodes[0]
+        if not scores_in:
+            return None
+        node = scores_in[0]
     if op_name(node) != "matmul":
         return None  # a softmax that is not attention (a router, say): an ordinary op
     scores = node
     chain.append(scores)
+    if any(scores in _ancestors_of(sink) for sink in sinks):
+        return None  # a joined operand computed from the scores is no sink
     users = list(softmax.users)
     probs = softmax
-    while len(users) == 1 and op_name(users[0]) in _PROB_CHAIN:
+    while len(users) == 1 and (op_name(users[0]) in _PROB_CHAIN or sinks and _drops_last_keys(users[0])):
         probs = users[0]
         chain.append(probs)
         users = list(probs.users)
@@ -148,8 +205,17 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
         return None
     out = users[0]
     chain.append(out)
+    # Other reductions over the keys of the masked scores (after the mask, before the softmax).
+    masked = chain[1:chain.index(mask_user) + 1] if mask_user in chain else []
+    for node in masked:
+        for user in node.users:
+            if user in chain:
+                continue
+            # ``max`` returns (values, indices): the reduction is read through its getitem.
+            for candidate in list(user.users) if op_name(user) == "max" else [user]:
+                extra.extend(_key_reduction(candidate, node) or [])
     return Attention(
-        kind="eager",
+        kind="eager" + (" with sinks" if sinks else ""),
         node=out,
         query=scores.args[0],
         key=_before_replication(_strip_transpose(scores.args[1])),
@@ -157,9 +223,19 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
         mask=mask,
         mask_user=mask_user,
         is_causal=False,
-        mixing_nodes=frozenset(chain),
+        mixing_nodes=frozenset(chain + extra),
         dropout_p=0.0,
     )
+
+
+def _drops_last_keys(node: fx.Node) -> bool:
+    """``probs[..., :-n]``: the sink columns dropped after the softmax."""
+    if op_name(node) != "getitem" or not isinstance(node.args[1], tuple):
+        return False
+    index = node.args[1]
+    return (len(index) == 2 and index[0] is Ellipsis and isinstance(index[1], slice)
+            and index[1].start in (None, 0) and index[1].step in (None, 1)
+            and isinstance(index[1].stop, int) and index[1].stop < 0)
 
 
 def _from_outside(node: fx.Node, layer_inputs: set) -> bool:

@@ -21,11 +21,15 @@ class Reason(enum.Enum):
     MASK_UNSUPPORTED = "attention mask construction not understood"
     DROPOUT = "dropout with p > 0 (random masks cannot be replayed exactly)"
     SHAPE_PROBE = "chunked layer failed the shape probe"
+    PROBE_MISMATCH = "the chunked layer computed other values than the original on a probe"
     SHORT_SEQUENCE = "sequence not longer than one chunk"
     SEQUENCE_UNALIGNED = "a value meets the sequence axis without being known to run along it"
     HEAD_NOT_FOUND = "no token-wise head after the decoder layers"
     HEAD_NOTHING_INSIDE = "the head computes no value that its outputs do not already hold"
     HEAD_LAYOUT = "a head input or output whose sequence layout is not understood"
+    RANDOM = "draws random numbers (a recomputed chunk would draw different ones)"
+    MUTATION = "writes a tensor in place that the analysis cannot follow"
+    INTERNAL_ERROR = "an error inside streambp (please report it); ordinary autograd runs instead"
 
 
 class CannotChunk(Exception):

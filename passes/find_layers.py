@@ -12,6 +12,7 @@ import dataclasses
 import re
 from collections import defaultdict
 
+import torch
 import torch.fx as fx
 
 from .errors import CannotChunk, Reason
@@ -49,10 +50,26 @@ def _layer_key(node: fx.Node):
     return None
 
 
+def is_size_arithmetic(node: fx.Node, memo: dict) -> bool:
+    """A scalar computed from sizes alone (``2 * s16``, ``_sym_sqrt(s3)``): Dynamo computes it
+    once and shares it between layers, so it belongs to no layer."""
+    if node not in memo:
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if node.op == "placeholder":  # a size symbol, or a constant Dynamo lifted (``math.pi``)
+            memo[node] = True
+        elif isinstance(value, (torch.Tensor, list, tuple)) or value is None:
+            memo[node] = False
+        else:
+            memo[node] = node.op in ("call_function", "call_method") and all(
+                is_size_arithmetic(a, memo) for a in node.all_input_nodes)
+    return memo[node]
+
+
 def find_layer_regions(gm: fx.GraphModule) -> list[LayerRegion]:
     groups: dict[tuple, dict[int, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
+    scalars: dict = {}
     for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method", "call_module"):
+        if node.op not in ("call_function", "call_method", "call_module") or is_size_arithmetic(node, scalars):
             continue
         key = _layer_key(node)
         if key is not None:

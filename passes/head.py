@@ -34,6 +34,7 @@ from sbp_compiler.runtime import register_plan
 
 from .errors import CannotChunk, Reason
 from .find_layers import extract_subgraph
+from .fx_utils import eliminate_dead_code, refuse_side_effects
 from .op_arguments import OpArguments
 from .outline import GraphContext
 from .probe import fabricate
@@ -112,7 +113,7 @@ def _label_by_use(operand: fx.Node, dim: int, labels: dict, is_seq_sized, full_l
     if len(candidates) != 1:
         return False
     root_labels = tuple(S if d == candidates[0] else None for d in range(len(shape)))
-    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized)
+    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, seq_length=full_length)
     try:
         found = analysis.run(list(reversed(chain[:-1])), {root: root_labels})
     except CannotChunk:
@@ -128,7 +129,8 @@ def _find_head_region(gm, start, labels, is_seq_sized, dynamic, full_length):
     after = _descendants(start)
     order = [n for n in gm.graph.nodes if n in after]
     initial = {n: l for n, l in labels.items() if n not in after}
-    strict = SeqDimAnalysis(is_seq_sized=is_seq_sized, refuse_unexplained=dynamic, lenient=True, aligned_only=True)
+    strict = SeqDimAnalysis(is_seq_sized=is_seq_sized, refuse_unexplained=dynamic, lenient=True, aligned_only=True,
+                            seq_length=full_length)
     strict_labels = strict.run(order, initial)
     strict.unaligned = {n: u for n, u in strict.unaligned.items() if u[0] not in after}
 
@@ -217,7 +219,7 @@ class _Extracted:
     rescaled: int
 
 
-def _extract(region: HeadRegion, outer_labels: dict, is_seq_sized, dynamic) -> _Extracted:
+def _extract(region: HeadRegion, outer_labels: dict, is_seq_sized, dynamic, full_length: int) -> _Extracted:
     taken = set(region.members) | set(region.copied)
     nodes = [n for n in region.inputs[0].graph.nodes if n in taken]
     gm = extract_subgraph(region.inputs, nodes, region.outputs)
@@ -238,7 +240,8 @@ def _extract(region: HeadRegion, outer_labels: dict, is_seq_sized, dynamic) -> _
         if node_labels == UNKNOWN or (isinstance(node_labels, tuple) and node_labels.count(S) > 1):
             raise CannotChunk(Reason.HEAD_LAYOUT, f"head input {node.name} has labels {node_labels}")
         initial[p] = node_labels
-    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, refuse_unexplained=dynamic, aligned_only=True)
+    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, refuse_unexplained=dynamic, aligned_only=True,
+                              seq_length=full_length)
     labels = analysis.run(list(graph.nodes), initial)
     outputs = list(output_node.args[0])
     for out in outputs:
@@ -323,6 +326,7 @@ def outline_head(context: GraphContext, chunk_size, decision: HeadDecision) -> N
     region = find_head_region(context.gm, start, context.labels, context.is_seq_sized, context.dynamic,
                               context.full_length)
     decision.stops = region.stops
+    refuse_side_effects(region.members + region.copied, region.inputs, context.mutated)
     full = context.full_length
     seq_inputs = [n for n in region.inputs if _has_seq(region.labels.get(n, context.labels.get(n)))]
     token_bytes_in = max(_token_bytes(n, full) for n in seq_inputs)
@@ -335,7 +339,7 @@ def outline_head(context: GraphContext, chunk_size, decision: HeadDecision) -> N
     ]
     if not inside:
         raise CannotChunk(Reason.HEAD_NOTHING_INSIDE, f"every value computed after {start.name} leaves the head")
-    extracted = _extract(region, context.labels, context.is_seq_sized, context.dynamic)
+    extracted = _extract(region, context.labels, context.is_seq_sized, context.dynamic, full)
     seq_len = shape_of(start)[region.labels[start].index(S)]
     layouts = _layouts(extracted, _expr(seq_len), full)
 
@@ -479,6 +483,6 @@ def _replace(gm: fx.GraphModule, region: HeadRegion, op, plan_id: int, tensors: 
     for node in reversed(region.members):
         if not node.users:
             graph.erase_node(node)
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     graph.lint()
     gm.recompile()

@@ -20,8 +20,9 @@ import torch.fx as fx
 from .attention import Attention, find_attention
 from .errors import CannotChunk, Reason
 from .find_layers import placeholders_for
+from .fx_utils import eliminate_dead_code
 from .rescale import rescale_shape_arguments
-from .seq_dims import SeqDimAnalysis, UNKNOWN, op_name, shape_of
+from .seq_dims import SeqDimAnalysis, UNKNOWN, is_plain, op_name, shape_of
 
 Q, K = "Q", "K"
 
@@ -66,7 +67,22 @@ def _dropout_probability_sources(gm: fx.GraphModule, attention: Attention, place
     return sources
 
 
-def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dynamic: bool) -> LayerSplit:
+def _sequence_mixer(layer_gm: fx.GraphModule, placeholders, input_labels, seq_length: int) -> str:
+    """What mixes positions in a layer without attention (an SSM scan, a convolution, a linear
+    attention), named by its op and the module it runs in: the refusal's detail."""
+    analysis = SeqDimAnalysis(seq_length=seq_length, lenient=True)
+    analysis.run(list(layer_gm.graph.nodes), _initial(placeholders, input_labels, lambda i, l, _: l))
+    for node, cause in analysis.unknown_causes.items():
+        if any(arg in analysis.unknown_causes for arg in node.all_input_nodes):
+            continue  # not where it starts
+        stack = node.meta.get("nn_module_stack") or {}
+        module = list(stack.values())[-1][1] if stack else None
+        module_name = getattr(module, "__name__", str(module).rsplit(".", 1)[-1].rstrip("'>")) if module else "the layer"
+        return f"its sequence mixer is {module_name}: {cause}"[:400]
+    return "no op mixes positions"
+
+
+def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dynamic: bool, seq_length: int) -> LayerSplit:
     """``input_labels``: per layer input, its dims labelled ``"S"`` where they run along the sequence.
 
     ``is_seq_sized``/``dynamic``: see ``SeqDimAnalysis``; with a dynamic length every
@@ -77,7 +93,12 @@ def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dyna
         if labels == UNKNOWN:
             raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{node.name}: produced by an op without a rule")
     mask_candidates = {p for p, l in zip(placeholders, input_labels) if isinstance(l, tuple) and l.count("S") == 2}
-    attention = find_attention(layer_gm, mask_candidates)
+    try:
+        attention = find_attention(layer_gm, mask_candidates)
+    except CannotChunk as refusal:
+        if refusal.reason is Reason.NO_ATTENTION and not refusal.detail:
+            raise CannotChunk(Reason.NO_ATTENTION, _sequence_mixer(layer_gm, placeholders, input_labels, seq_length)) from None
+        raise
 
     mask_input = None
     if attention.mask is not None:
@@ -94,8 +115,9 @@ def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dyna
             raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{p.name} has {labels.count('S')} sequence dims")
 
     dropout_sources = _dropout_probability_sources(layer_gm, attention, placeholders)
-    kv_graph, kv_seq_dim = _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dynamic)
-    query_graph, output_seq_dim, rescaled = _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim, is_seq_sized, dynamic)
+    kv_graph, kv_seq_dim = _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dynamic, seq_length)
+    query_graph, output_seq_dim, rescaled = _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim,
+                                                         is_seq_sized, dynamic, seq_length)
     query_slice_dims = [
         labels.index("S") if isinstance(labels, tuple) and labels.count("S") == 1 else None
         for labels in input_labels
@@ -124,7 +146,7 @@ def _initial(placeholders, input_labels, rename):
     return initial
 
 
-def _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dynamic):
+def _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dynamic, seq_length):
     graph = fx.Graph()
     env = placeholders_for(graph, placeholders)
     needed = set()
@@ -144,11 +166,14 @@ def _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dyn
     with graph.inserting_after(full_len):
         chunk_len = graph.placeholder("chunk_len")
     kv_gm = fx.GraphModule(layer_gm, graph)
-    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, refuse_unexplained=dynamic)
+    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, refuse_unexplained=dynamic, seq_length=seq_length,
+                              creation_label="S")
     labels = analysis.run(list(graph.nodes), _initial(new_placeholders, input_labels, lambda i, l, _: l))
     key_labels, value_labels = labels[env[attention.key]], labels[env[attention.value]]
     if key_labels.count("S") != 1 or value_labels.count("S") != 1:
         raise CannotChunk(Reason.NO_SEQUENCE_DIM, "key/value without exactly one sequence dim")
+    if not all(is_plain(l) for l in key_labels + value_labels):
+        raise CannotChunk(Reason.NO_SEQUENCE_DIM, "key/value sequence dim merged with other dims")
     kv_seq_dim = key_labels.index("S") - len(key_labels)
     if value_labels.index("S") - len(value_labels) != kv_seq_dim or kv_seq_dim != -2:
         raise CannotChunk(Reason.NO_SEQUENCE_DIM, "key/value sequence dim is not dim -2")
@@ -157,7 +182,7 @@ def _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dyn
     return kv_gm, kv_seq_dim
 
 
-def _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim, is_seq_sized, dynamic):
+def _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim, is_seq_sized, dynamic, seq_length):
     graph = fx.Graph()
     env = placeholders_for(graph, placeholders)
     key_prefix = graph.placeholder("key_prefix")
@@ -190,7 +215,7 @@ def _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim, is
                     kwargs[name] = prefix
             copy.args, copy.kwargs = tuple(args), kwargs
         env[node] = copy
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     query_gm = fx.GraphModule(layer_gm, graph)
 
     mixing = {env[n] for n in attention.mixing_nodes if n in env}
@@ -216,11 +241,12 @@ def _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim, is
         mixing_allowed=lambda node, label: node in mixing and label == K,
         is_seq_sized=is_seq_sized,
         refuse_unexplained=dynamic,
+        seq_length=seq_length,
     )
     labels = analysis.run(list(graph.nodes), initial)
     output = next(n for n in graph.nodes if n.op == "output").args[0]
     out_labels = labels[output]
-    if not isinstance(out_labels, tuple) or out_labels.count(Q) != 1 or K in out_labels:
+    if not isinstance(out_labels, tuple) or out_labels.count(Q) != 1 or K in out_labels or not all(map(is_plain, out_labels)):
         raise CannotChunk(Reason.LAYER_OUTPUTS, f"layer output sequence axes {out_labels}")
     rescaled = rescale_shape_arguments(query_gm, labels, {Q: (full_len, q_len), K: (full_len, kv_len)})
     return query_gm, out_labels.index(Q), rescaled

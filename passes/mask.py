@@ -18,8 +18,9 @@ import torch.fx as fx
 
 from .errors import CannotChunk, Reason
 from .find_layers import placeholders_for
+from .fx_utils import refuse_side_effects
 from .rescale import rescale_shape_arguments
-from .seq_dims import SeqDimAnalysis, UNKNOWN
+from .seq_dims import SeqDimAnalysis, UNKNOWN, is_plain, shape_of, size_hint
 
 Q, K = frozenset({"Q"}), frozenset({"K"})
 
@@ -42,16 +43,17 @@ def _ancestors(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.graph.nodes if n in seen]
 
 
-def build_mask_builder(mask: fx.Node, outer_labels: dict, is_seq_sized) -> MaskBuilder:
+def build_mask_builder(mask: fx.Node, outer_labels: dict, is_seq_sized, mutated=frozenset(), seq_length=None) -> MaskBuilder:
     cone = _ancestors(mask)
     inputs = [n for n in cone if n.op == "placeholder"]
+    refuse_side_effects(cone, inputs, mutated)
     # 1. Which sources reach which mask axis.
     initial = {}
     for p in inputs:
         labels = outer_labels.get(p)
         if isinstance(labels, tuple):
             initial[p] = tuple(frozenset({p.name}) if l == "S" else None for l in labels)
-    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, source_mode=True, lenient=True)
+    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, source_mode=True, lenient=True, seq_length=seq_length)
     labels = analysis.run(cone, initial)
     mask_labels = labels[mask]
     if mask_labels == UNKNOWN or not isinstance(mask_labels, tuple) or len(mask_labels) < 2:
@@ -75,6 +77,8 @@ def build_mask_builder(mask: fx.Node, outer_labels: dict, is_seq_sized) -> MaskB
             if node.name in sources:
                 source_labels = labels[by_name[node.name]]
                 dim = source_labels.index(frozenset({node.name}))
+                if not is_plain(source_labels[dim]) or size_hint(shape_of(node)[dim]) != seq_length:
+                    raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{node.name}: a mask source merged with other dims")
                 start, length = (q_start, q_len) if axis is Q else (0, kv_len)
                 narrowed = graph.call_function(torch.narrow, (env[node], dim, start, length))
                 narrowed.meta = dict(node.meta)
@@ -83,9 +87,14 @@ def build_mask_builder(mask: fx.Node, outer_labels: dict, is_seq_sized) -> MaskB
     graph.output(env[mask])
     builder = fx.GraphModule(mask.graph.owning_module, graph)
 
-    # 3. Follow the narrowed axes and restate the shape arguments at chunk lengths.
-    chunk_analysis = SeqDimAnalysis(source_mode=True)
-    chunk_result = chunk_analysis.run([n for n in graph.nodes], chunk_labels)
+    # 3. Follow the narrowed axes and restate the shape arguments at chunk lengths. Strict: the
+    # chunk's mask equals the full mask's rows and key prefix only if nothing between the
+    # narrowed sources and the mask mixes positions (``pos[-1] - pos``, ``k / k.max()``).
+    chunk_analysis = SeqDimAnalysis(seq_length=seq_length)
+    try:
+        chunk_result = chunk_analysis.run([n for n in graph.nodes], chunk_labels)
+    except CannotChunk as refusal:
+        raise CannotChunk(Reason.MASK_UNSUPPORTED, f"mask construction: {refusal.detail}") from None
     if chunk_result[env[mask]][-2:] != (Q, K):
         raise CannotChunk(Reason.MASK_UNSUPPORTED, "chunked mask axes do not come out as (query, key)")
     for node, node_labels in chunk_result.items():

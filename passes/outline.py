@@ -16,15 +16,18 @@ import torch.fx as fx
 
 from sbp_compiler.config import auto_chunk_size
 from sbp_compiler.report import GraphReport, LayerDecision
-from sbp_compiler.runtime import InputRef, LayerPlan, NotCausalError, register_plan
+from sbp_compiler.autocast import AutocastState
+from sbp_compiler.chunked_autograd import inputs_needing_grad
+from sbp_compiler.runtime import InputRef, LayerPlan, NotCausalError, layer_backward, layer_forward, register_plan
 
 from .errors import CannotChunk, Reason
-from .find_layers import LayerRegion, extract_subgraph, find_layer_regions, region_of
+from .find_layers import LayerRegion, extract_subgraph, find_layer_regions, is_size_arithmetic, region_of
+from .fx_utils import eliminate_dead_code, refuse_side_effects
 from .layer_split import LayerSplit, split_layer
 from .mask import build_mask_builder
 from .op_arguments import OpArguments
-from .probe import fabricate
-from .seq_dims import SeqDimAnalysis, UNKNOWN, example, seq_sized_predicate, size_hint
+from .probe import differs, fabricate, probe_generator, scale_floor
+from .seq_dims import SeqDimAnalysis, UNKNOWN, example, is_plain, layout, seq_sized_predicate, size_hint, with_layout
 
 log = logging.getLogger("sbp_compiler.passes.outline")
 
@@ -33,7 +36,7 @@ def _is_parameter_or_buffer(node: fx.Node, example_input) -> bool:
     return isinstance(example_input, torch.nn.Parameter) or "_buffers_" in node.name or "_parameters_" in node.name
 
 
-def sequence_labels(gm: fx.GraphModule, example_inputs, is_seq_sized) -> tuple[dict, dict]:
+def sequence_labels(gm: fx.GraphModule, example_inputs, is_seq_sized, seq_length: int) -> tuple[dict, dict]:
     """Label ``"S"`` every dim of every value that runs along the sequence (lenient).
 
     Returns (labels by node, why a node could not be labelled)."""
@@ -44,12 +47,12 @@ def sequence_labels(gm: fx.GraphModule, example_inputs, is_seq_sized) -> tuple[d
         if shape is None or _is_parameter_or_buffer(node, value):
             continue
         initial[node] = tuple(frozenset({node.name}) if is_seq_sized(s) else None for s in shape)
-    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, source_mode=True, lenient=True)
+    analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, source_mode=True, lenient=True, seq_length=seq_length)
     source_labels = analysis.run(list(gm.graph.nodes), initial)
 
     def to_s(labels):
         if isinstance(labels, tuple):
-            return tuple("S" if l else None for l in labels)
+            return tuple(with_layout("S", *layout(l)) if l else None for l in labels)
         if isinstance(labels, list):
             return [to_s(l) for l in labels]
         return labels
@@ -73,31 +76,65 @@ class GraphContext:
     wrap_subgraph: Callable[[str, fx.GraphModule], Callable]
     # mask node -> (MaskBuilder, its callable): one builder serves every layer using that mask
     mask_builders: dict = dataclasses.field(default_factory=dict)
+    mutated: frozenset = frozenset()  # values an in-place write left in the graph touches
+    autocast: AutocastState = AutocastState(())  # the state the graph was traced with
     last_layer_output: Optional[fx.Node] = None  # the node now standing for it
 
 
-_SEVERAL_OUTPUTS = (
-    "{n} values leave the layer (with use_cache=True each layer also returns its K/V cache: "
-    "call the model with use_cache=False for training)"
-)
+def _several_outputs(outputs: list[fx.Node]) -> str:
+    """Why a layer with several outputs is refused, naming them; the ``use_cache`` hint only when
+    the extra outputs look like a key/value cache (4-d tensors)."""
+    def kind(node):
+        value = example(node)
+        return f"{tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+    text = f"{len(outputs)} values leave the layer: " + ", ".join(f"{n.name} {kind(n)}" for n in outputs[:6])
+    cache_like = [n for n in outputs if isinstance(example(n), torch.Tensor) and example(n).dim() == 4]
+    if len(cache_like) >= 2:
+        text += " (with use_cache=True each layer also returns its K/V cache: call the model with use_cache=False for training)"
+    return text
 
 
 def _layer_output_example(regions: list[LayerRegion]) -> torch.Tensor:
     """The output of the first layer that has a single output: (.., T, hidden)."""
     single = [r for r in regions if len(r.outputs) == 1]
     if not single:
-        raise CannotChunk(Reason.LAYER_OUTPUTS, _SEVERAL_OUTPUTS.format(n=len(regions[0].outputs)))
+        raise CannotChunk(Reason.LAYER_OUTPUTS, _several_outputs(regions[0].outputs))
     out = example(single[0].outputs[0])
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
         raise CannotChunk(Reason.NO_SEQUENCE_DIM, "layer output is not a (.., T, hidden) tensor")
     return out
 
 
-def _probe(plan: LayerPlan, region: LayerRegion, mask_inputs: list, split: LayerSplit, real: dict, full: int):
-    """Run the rewritten layer on small real chunks (random data where no example input exists):
-    shapes and mask causality must hold."""
-    values = [fabricate(n, real) for n in region.inputs]
-    mask_values = [fabricate(n, real) for n in mask_inputs]
+# The probe compares the chunked layer with the original one, forward and backward, at the
+# example's full length up to this many tokens (one unchunked layer step at compile time); longer
+# examples are checked on a prefix of PROBE_PREFIX tokens, chunked against one chunk.
+FULL_REFERENCE_TOKENS = 1024
+PROBE_PREFIX = 12
+
+
+class _ProbeValues:
+    """One fabricated value per outer-graph node the layer reads (from a generator of its own)."""
+
+    def __init__(self, real: dict):
+        self.real, self.generator, self.values = real, probe_generator(), {}
+
+    def __call__(self, node: fx.Node):
+        if node not in self.values:
+            self.values[node] = fabricate(node, self.real, self.generator)
+        return self.values[node]
+
+
+def _probe(plan: LayerPlan, region: LayerRegion, layer_gm: fx.GraphModule, mask_node, mask_inputs: list,
+           split: LayerSplit, arguments: OpArguments, context: GraphContext):
+    """Run the rewritten layer on real chunks of fabricated data before it replaces the original:
+    shapes must hold, mask causality too, chunks of a prefix must agree with the prefix run as
+    one chunk, and (up to ``FULL_REFERENCE_TOKENS``) the outputs and every input gradient must
+    equal the original layer's."""
+    full = context.full_length
+    value_of = _ProbeValues(context.real_inputs)
+    values = [value_of(n) for n in region.inputs]
+    mask_values = [value_of(n) for n in mask_inputs]
     try:
         with torch.no_grad():
             key, value = plan.key_value(values, full)
@@ -106,22 +143,78 @@ def _probe(plan: LayerPlan, region: LayerRegion, mask_inputs: list, split: Layer
     if list(key.shape) != [size_hint(s) for s in example(split.attention.key).shape]:
         raise CannotChunk(Reason.SHAPE_PROBE, f"chunked K/V gave shape {list(key.shape)}")
     out_shape = [size_hint(s) for s in example(region.outputs[0]).shape]
+
+    def run_chunk(start, end, k, v):
+        try:
+            args = plan.query_args(values, mask_values, k, v, start, end, full)
+        except NotCausalError as error:
+            raise CannotChunk(Reason.NOT_CAUSAL, str(error)) from None
+        try:
+            with torch.no_grad():
+                return plan.query_graph(*args)
+        except Exception as error:  # any failure here would be a failure at training time
+            raise CannotChunk(Reason.SHAPE_PROBE, f"chunk [{start}, {end}): {error!r}"[:500]) from None
+
     for start, end in ((0, min(full, 2)), (1, min(full, 4)), (max(0, full - 3), full)):
         if end <= start:
             continue
-        with torch.no_grad():
-            try:
-                args = plan.query_args(values, mask_values, key, value, start, end, full)
-            except NotCausalError as error:
-                raise CannotChunk(Reason.NOT_CAUSAL, str(error)) from None
-            try:
-                chunk = plan.query_graph(*args)
-            except Exception as error:  # any failure here would be a failure at training time
-                raise CannotChunk(Reason.SHAPE_PROBE, f"chunk [{start}, {end}): {error!r}"[:500]) from None
+        chunk = run_chunk(start, end, key, value)
         expected = list(out_shape)
         expected[plan.output_seq_dim] = end - start
         if list(chunk.shape) != expected:
             raise CannotChunk(Reason.SHAPE_PROBE, f"chunk [{start}, {end}) gave shape {list(chunk.shape)}, expected {expected}")
+
+    # Chunks of a prefix against the prefix as one chunk: a layer that is not token-wise (a view
+    # that mixes positions, a mask that changes with the chunk) gives other values.
+    length = min(full, PROBE_PREFIX)
+    whole = run_chunk(0, length, key, value)
+    for size in (2, 3):
+        pieces = [run_chunk(s, min(length, s + size), key, value) for s in range(0, length, size)]
+        why = differs(whole, torch.cat(pieces, plan.output_seq_dim))
+        if why:
+            raise CannotChunk(Reason.PROBE_MISMATCH, f"chunks of {size} tokens against one chunk: {why}")
+    if full <= FULL_REFERENCE_TOKENS:
+        _compare_with_original(plan, region, layer_gm, mask_node, mask_values, arguments, value_of, context)
+
+
+def _compare_with_original(plan, region, layer_gm, mask_node, mask_values, arguments, value_of, context):
+    """Outputs and input gradients of the chunked op (its own forward and backward) against
+    the original layer under autograd, on the same fabricated inputs."""
+    full = context.full_length
+    leaves = {}
+    for node in arguments.tensors:
+        value = value_of(node)
+        if value.is_floating_point() or value.is_complex():
+            leaves[node] = value.detach().requires_grad_()
+    try:
+        whole_mask = plan.mask_builder(*mask_values, full, 0, full, full) if plan.mask_builder else None
+        inputs = [whole_mask if n is mask_node else leaves.get(n, value_of(n)) for n in region.inputs]
+        with torch.enable_grad(), context.autocast.entered():
+            expected = layer_gm(*inputs)
+        grad_output = torch.randn(expected.shape, dtype=expected.dtype, generator=probe_generator())
+        differentiable = [n for n in arguments.tensors if n in leaves]
+        expected_grads = torch.autograd.grad(expected, [leaves[n] for n in differentiable], grad_output,
+                                             allow_unused=True)
+        tensors = [leaves.get(n, value_of(n)) for n in arguments.tensors]
+        ints = [value_of(n) for n in arguments.ints]
+        got = layer_forward(plan, tensors, ints)
+        got_grads = layer_backward(plan, tensors, ints, grad_output, inputs_needing_grad(tensors))
+    except CannotChunk:
+        raise
+    except NotCausalError as error:
+        raise CannotChunk(Reason.NOT_CAUSAL, str(error)) from None
+    except Exception as error:
+        raise CannotChunk(Reason.SHAPE_PROBE, f"forward and backward at the full length: {error!r}"[:500]) from None
+    why = differs(expected, got)
+    if why:
+        raise CannotChunk(Reason.PROBE_MISMATCH, f"output against the original layer: {why}")
+    floor = scale_floor(expected_grads, expected.dtype)
+    for node, grad in zip(differentiable, expected_grads):
+        mine = got_grads[arguments.tensors.index(node)]
+        grad = torch.zeros_like(mine) if grad is None else grad
+        why = differs(grad, mine, floor)
+        if why:
+            raise CannotChunk(Reason.PROBE_MISMATCH, f"gradient of {node.name} against the original layer: {why}")
 
 
 def outline_layers(
@@ -130,10 +223,13 @@ def outline_layers(
     chunk_size,
     report: GraphReport,
     wrap_subgraph: Callable[[str, fx.GraphModule], Callable],
+    mutated: frozenset = frozenset(),
+    autocast: AutocastState = AutocastState(()),
 ) -> "GraphContext":
     """Rewrite ``gm`` in place; ``wrap_subgraph(name, gm)`` turns each new subgraph into a callable.
     Every layer's decision is appended to ``report``. Returns what the head pass needs to know
-    about the graph, ``last_layer_output`` included.
+    about the graph, ``last_layer_output`` included. ``mutated``: values an in-place write that
+    stayed in the graph touches (``passes/functionalize``); a layer reading one is refused.
 
     ``chunk_size``: an int, or "auto" (resolved from the hidden size, see ``auto_chunk_size``).
     """
@@ -149,7 +245,7 @@ def outline_layers(
         chunk_size = auto_chunk_size(size_hint(layer_output.shape[-1]))
     report.chunk_size = chunk_size
     is_seq_sized = seq_sized_predicate(seq_len)
-    labels, unknown_causes = sequence_labels(gm, example_inputs, is_seq_sized)
+    labels, unknown_causes = sequence_labels(gm, example_inputs, is_seq_sized, size_hint(seq_len))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     context = GraphContext(
         gm=gm,
@@ -161,6 +257,8 @@ def outline_layers(
         chunk_size=chunk_size,
         real_inputs=dict(zip(placeholders, example_inputs)),
         wrap_subgraph=wrap_subgraph,
+        mutated=frozenset(mutated),
+        autocast=autocast,
     )
 
     for region in regions:
@@ -168,29 +266,38 @@ def outline_layers(
         report.layers.append(decision)
         try:
             context.last_layer_output = _outline_one(context, region, decision)
-        except CannotChunk as refusal:
+        except Exception as error:  # noqa: BLE001 - any failure keeps this layer's ordinary ops
+            refusal = error if isinstance(error, CannotChunk) else CannotChunk(
+                Reason.INTERNAL_ERROR, f"{type(error).__name__}: {error}"[:500])
             decision.reason, decision.detail = refusal.reason, refusal.detail
             log.info("streambp: %s not chunked: %s", region.path, refusal)
+            if not isinstance(error, CannotChunk):
+                log.debug("streambp: %s", region.path, exc_info=True)
             outputs = region_of(region.path, region.nodes).outputs
             context.last_layer_output = outputs[0] if len(outputs) == 1 else None
-    _label_last_output(context, regions)
-    gm.graph.eliminate_dead_code()
+            _label_like_input(context, context.last_layer_output, region.inputs)
+    _label_like_input(context, context.last_layer_output, regions[0].inputs)
+    eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return context
 
 
-def _label_last_output(context: GraphContext, regions: list[LayerRegion]) -> None:
-    """If a refused layer left the stack's output unexplained, label it like the stack's input.
+def _label_like_input(context: GraphContext, output: Optional[fx.Node], inputs: list[fx.Node]) -> None:
+    """If a refused layer (an SSM mixer, say) left its output unexplained, label it like its
+    input of the same shape and dtype, so the next layer and the head can still be chunked.
 
-    The head only needs to know which dim of the hidden state to chunk: a token-wise function of
-    it is exact chunked along any dim, whatever the layers before it did.
+    Sound: what is chunked next is proven token-wise and causal along the labelled dim by its
+    own analysis, with every sequence input sliced alike; chunking it is exact whatever the
+    refused layer computed along that dim.
     """
-    last = context.last_layer_output
+    last = output
     if last is None or isinstance(context.labels.get(last), tuple):
         return
     out = example(last)
-    for node in regions[0].inputs:
+    if not isinstance(out, torch.Tensor):
+        return
+    for node in inputs:
         value, labels = example(node), context.labels.get(node)
         if (isinstance(value, torch.Tensor) and isinstance(labels, tuple) and labels.count("S") == 1
                 and value.shape == out.shape and value.dtype == out.dtype):
@@ -198,24 +305,68 @@ def _label_last_output(context: GraphContext, regions: list[LayerRegion]) -> Non
             return
 
 
+def _localize_scalars(gm: fx.GraphModule, region: LayerRegion) -> LayerRegion:
+    """The region with the size arithmetic it reads that is not an int (``_sym_sqrt(s3)``, a
+    SymFloat scale shared by every layer) copied into it, so that the op only takes tensors and
+    ints; returns the region's new boundary."""
+    memo: dict = {}
+    wanted = [n for n in region.inputs if n.op != "placeholder" and is_size_arithmetic(n, memo)
+              and not isinstance(example(n), (int, torch.SymInt))]
+    if not wanted:
+        return region_of(region.path, region.nodes)
+    chain, stack = set(), list(wanted)
+    while stack:
+        node = stack.pop()
+        if node not in chain and node.op != "placeholder":
+            chain.add(node)
+            stack.extend(node.all_input_nodes)
+    first = region.nodes[0]
+    copies: dict = {}
+    for node in gm.graph.nodes:
+        if node in chain:
+            with gm.graph.inserting_before(first):
+                copies[node] = gm.graph.node_copy(node, lambda n: copies.get(n, n))
+            copies[node].meta = dict(node.meta, nn_module_stack=first.meta.get("nn_module_stack"))
+    for node in region.nodes:
+        for old, new in copies.items():
+            if old in node.all_input_nodes:
+                node.replace_input_with(old, new)
+    return region_of(region.path, list(copies.values()) + list(region.nodes))
+
+
+def _check_plain_input(node: fx.Node, node_labels, context: GraphContext) -> None:
+    """A layer input is narrowed to each chunk along its sequence dims: each must be the
+    sequence itself, of its length, not merged with other dims (``[B*T, d]``)."""
+    if not isinstance(node_labels, tuple):
+        return
+    shape = example(node).shape
+    for dim, label in enumerate(node_labels):
+        if label is not None and (not is_plain(label) or size_hint(shape[dim]) != context.full_length):
+            raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN,
+                              f"{node.name} {tuple(shape)}: its sequence dim {dim} is merged with other dims")
+
+
 def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDecision) -> fx.Node:
     gm, labels, wrap_subgraph = context.gm, context.labels, context.wrap_subgraph
-    region = region_of(region.path, region.nodes)
+    region = _localize_scalars(context.gm, region)
+    refuse_side_effects(region.nodes, region.inputs, context.mutated, allow_dropout=True)
     if len(region.outputs) != 1:
-        raise CannotChunk(Reason.LAYER_OUTPUTS, _SEVERAL_OUTPUTS.format(n=len(region.outputs)))
+        raise CannotChunk(Reason.LAYER_OUTPUTS, _several_outputs(region.outputs))
     output = region.outputs[0]
     layer_gm = extract_subgraph(region.inputs, region.nodes, region.outputs)
     input_labels = [labels.get(n, UNKNOWN) for n in region.inputs]
     for node, node_labels in zip(region.inputs, input_labels):
         if node_labels == UNKNOWN:
             raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{node.name}: {context.unknown_causes.get(node, 'no labels')}")
-    split = split_layer(layer_gm, input_labels, context.is_seq_sized, context.dynamic)
+    for node, node_labels in zip(region.inputs, input_labels):
+        _check_plain_input(node, node_labels, context)
+    split = split_layer(layer_gm, input_labels, context.is_seq_sized, context.dynamic, context.full_length)
 
     mask_node = region.inputs[split.mask_input] if split.mask_input is not None else None
     builder = run_builder = None
     if mask_node is not None:
         if mask_node not in context.mask_builders:
-            built = build_mask_builder(mask_node, labels, context.is_seq_sized)
+            built = build_mask_builder(mask_node, labels, context.is_seq_sized, context.mutated, context.full_length)
             context.mask_builders[mask_node] = (built, wrap_subgraph(f"{region.path}.mask", built.graph))
         builder, run_builder = context.mask_builders[mask_node]
 
@@ -250,14 +401,16 @@ def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDeci
         dropout_sources=split.dropout_sources,
         chunk_size=context.chunk_size,
     )
-    _probe(plan, region, builder.inputs if builder else [], split, context.real_inputs, context.full_length)
+    _probe(plan, region, layer_gm, mask_node, builder.inputs if builder else [], split, arguments, context)
     plan_id = register_plan(plan)
 
     graph = gm.graph
     with graph.inserting_before(output):
         call = graph.call_function(torch.ops.streambp.layer.default, (plan_id, list(tensors), list(ints)))
     call.meta = dict(output.meta)
-    labels[call] = labels[output]
+    # The op's output is proven to run along the sequence at output_seq_dim, whatever the lenient
+    # whole-graph analysis made of the original ops (a dispatch it could not follow, say).
+    labels[call] = tuple("S" if d == split.output_seq_dim else None for d in range(example(output).dim()))
     members = set(region.nodes)
     output.replace_all_uses_with(call, delete_user_cb=lambda user: user not in members)
     for node in reversed(region.nodes):

@@ -15,6 +15,10 @@ import torch.fx as fx
 from .seq_dims import example, op_name
 
 SHAPE_ARGUMENT_OPS = frozenset({"view", "reshape", "expand"})
+# Ops that make a new tensor of sizes given as arguments: a method of a tensor (the sizes
+# follow it) or a function (the sizes come first).
+CREATION_METHODS = frozenset({"new_empty", "new_zeros", "new_ones", "new_full"})
+CREATION_FUNCTIONS = frozenset({"empty", "zeros", "ones", "full"})
 
 
 def rescale_size(size, full, new):
@@ -26,6 +30,28 @@ def rescale_size(size, full, new):
     return size // full * new
 
 
+def _split_size_arguments(node: fx.Node):
+    """(arguments before the sizes, the sizes, arguments after them, sizes packed in a tuple)."""
+    name = op_name(node)
+    args = list(node.args)
+    if node.op == "call_method" and name in SHAPE_ARGUMENT_OPS | (CREATION_METHODS - {"new_full"}):
+        before, sizes = args[:1], args[1:]
+        after = []
+    elif name == "new_full":
+        before, sizes, after = args[:1], args[1:2], args[2:]
+    elif node.op == "call_function" and name in SHAPE_ARGUMENT_OPS:
+        before, sizes, after = args[:1], args[1:], []
+    elif node.op == "call_function" and name == "full":
+        before, sizes, after = [], args[:1], args[1:]
+    elif node.op == "call_function" and name in CREATION_FUNCTIONS:
+        before, sizes, after = [], args, []
+    else:
+        return None
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        return before, list(sizes[0]), after, True
+    return before, sizes, after, False
+
+
 def rescale_shape_arguments(gm: fx.GraphModule, labels: dict, lengths: dict) -> int:
     """Rescale shape arguments; ``lengths`` maps a label to (full-length node, new-length node).
 
@@ -34,30 +60,33 @@ def rescale_shape_arguments(gm: fx.GraphModule, labels: dict, lengths: dict) -> 
     rewritten = 0
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op not in ("call_method", "call_function") or op_name(node) not in SHAPE_ARGUMENT_OPS:
+        if node.op not in ("call_method", "call_function"):
+            continue
+        split = _split_size_arguments(node)
+        if split is None:
             continue
         out = labels.get(node)
         if not isinstance(out, tuple):
             continue
-        positions = {i: lengths[label] for i, label in enumerate(out) if label in lengths}
+        # A permuted sequence dim (``passes/dispatch.Permuted``) has the length of the axis it reorders.
+        positions = {i: lengths[getattr(label, "base", label)] for i, label in enumerate(out)
+                     if getattr(label, "base", label) in lengths}
         if not positions:
             continue
-        base, *rest = node.args
+        before, elements, after, packed = split
         with graph.inserting_before(node):
-            if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
-                elements, packed = list(rest[0]), True
-            elif len(rest) == 1 and isinstance(rest[0], fx.Node) and not isinstance(example(rest[0]), torch.Tensor):
-                whole = rest[0]  # a torch.Size value: take it apart
+            if len(elements) == 1 and isinstance(elements[0], fx.Node) and not isinstance(example(elements[0]), torch.Tensor) \
+                    and len(out) != 1:
+                whole = elements[0]  # a torch.Size value: take it apart
                 elements = [graph.call_function(operator.getitem, (whole, i)) for i in range(len(out))]
                 packed = True
-            else:
-                elements, packed = list(rest), False
             if len(elements) != len(out):
                 raise RuntimeError(f"streambp: {node.name} has {len(elements)} sizes for {len(out)} dims")
             for i, (full, new) in positions.items():
                 elements[i] = graph.call_function(rescale_size, (elements[i], full, new))
                 rewritten += 1
-        node.args = (base, tuple(elements)) if packed else (base, *elements)
+        sizes = [tuple(elements)] if packed else elements
+        node.args = tuple(before + sizes + after)
     graph.lint()
     gm.recompile()
     return rewritten

@@ -30,6 +30,85 @@ from .errors import CannotChunk, Reason
 
 UNKNOWN = "<unknown>"  # label value for a node lenient analysis could not explain
 
+
+class Axis(str):
+    """A sequence-axis label (``"S"``, ``"Q"``, ``"K"``) on a dim that holds the axis merged with
+    other dims by a view: the dim's size is ``outer x length x inner`` and position ``t`` of the
+    axis sits at stride ``inner`` (``[B, T, d] -> [B*T, d]``: outer B, inner 1). It equals (and
+    hashes as) its name, so code that asks "is this dim the sequence" sees it; merging two
+    labels elementwise also compares the layouts (``same_axis``), so ``[B*T]`` never meets
+    ``[T*B]`` unnoticed."""
+
+    outer: int
+    inner: int
+
+    def __new__(cls, name, outer: int = 1, inner: int = 1):
+        label = str.__new__(cls, name)
+        label.outer, label.inner = outer, inner
+        return label
+
+    def __repr__(self):
+        return f"{str.__str__(self)}[{self.outer}x..x{self.inner}]"
+
+    def __reduce__(self):
+        return Axis, (str.__str__(self), self.outer, self.inner)
+
+
+class Sources(frozenset):
+    """Source labels (``source_mode``) on a merged dim, with its layout as in ``Axis``."""
+
+    outer: int
+    inner: int
+
+    def __new__(cls, names, outer: int = 1, inner: int = 1):
+        label = frozenset.__new__(cls, names)
+        label.outer, label.inner = outer, inner
+        return label
+
+    def __repr__(self):
+        return f"{set(self)}[{self.outer}x..x{self.inner}]"
+
+
+class Broadcast:
+    """Label of a dim an ``expand`` grew from size 1 to the sequence's length (GPT-OSS's sinks
+    ``expand(b, -1, q_len, -1)``): its values do not depend on the position, so it takes the
+    axis it first meets elementwise; the expand's size argument is then restated per chunk."""
+
+    __slots__ = ("node", "dim")
+
+    def __init__(self, node, dim):
+        self.node, self.dim = node, dim
+
+    def __repr__(self):
+        return f"Broadcast({self.node.name}, {self.dim})"
+
+
+def layout(label) -> tuple[int, int]:
+    """(outer, inner) of a label; (1, 1) for a dim that is the axis itself."""
+    return getattr(label, "outer", 1), getattr(label, "inner", 1)
+
+
+def with_layout(label, outer: int, inner: int):
+    """``label`` on a dim with that layout (the plain label when it is the axis itself)."""
+    if label is None:
+        return None
+    if isinstance(label, Broadcast):
+        if (outer, inner) != (1, 1):
+            raise CannotChunk(Reason.SEQUENCE_MIXING, f"a broadcast dim ({label!r}) merged with others by a view")
+        return label
+    base = frozenset(label) if isinstance(label, frozenset) else str.__str__(label)
+    if (outer, inner) == (1, 1):
+        return base
+    return Sources(base, outer, inner) if isinstance(base, frozenset) else Axis(base, outer, inner)
+
+
+def is_plain(label) -> bool:
+    return layout(label) == (1, 1)
+
+
+def same_axis(a, b) -> bool:
+    return a == b and layout(a) == layout(b)
+
 # Ops that act elementwise with broadcasting (method names, function __name__s).
 POINTWISE = frozenset(
     """add sub mul truediv div floordiv mod neg pos pow rsqrt sqrt exp exp2 log log2 log1p expm1
@@ -45,7 +124,30 @@ REDUCTIONS = frozenset("mean sum amax amin var std norm logsumexp prod all any a
 # Same-shape ops that mix positions along one dim.
 ALONG_DIM = frozenset("softmax log_softmax cumsum cumprod logcumsumexp".split())
 CREATION = frozenset("arange ones zeros full empty rand randn new_ones new_zeros new_full new_empty".split())
+# Ops that can grow a size-1 dim to the sequence's length (a mask's ``.expand(t, t)``).
+BROADCASTS = frozenset("expand expand_as broadcast_to".split())
 NON_TENSOR = frozenset("size dim item numel Size _sym_sqrt sym_sqrt sym_int sym_float sym_max sym_min".split())
+
+
+# Rules registered by mechanism modules (``passes/dispatch.py``: mixture-of-experts dispatch),
+# looked up by op name before the built-in ones. A rule gets (analysis, node) and returns the
+# node's labels, or ``NotImplemented`` to leave the node to the built-in rule.
+RULES: dict[str, Callable] = {}
+
+
+def register_rule(*names: str):
+    def register(rule):
+        for name in names:
+            RULES[name] = rule
+        return rule
+
+    return register
+
+
+# Ops that keep their input's values (only the shape or dtype changes): what is known about the
+# values of a tensor (``facts``) carries over.
+VALUE_PRESERVING = frozenset(
+    "to long int float double contiguous clone detach view reshape flatten squeeze unsqueeze expand".split())
 
 
 def op_name(node: fx.Node) -> str:
@@ -89,7 +191,10 @@ class SeqDimAnalysis:
     which axis of a value; ``refuse_unexplained`` refuses such creations instead (use it only
     where sizes identify the sequence exactly: a dynamic length); ``aligned_only`` refuses an
     operand dim that meets a sequence axis elementwise without being labelled with it (a region
-    whose inputs are sliced by their labels needs every such operand labelled).
+    whose inputs are sliced by their labels needs every such operand labelled); ``seq_length``
+    (the example's length) lets views split a merged sequence dim by its layout;
+    ``creation_label`` labels the sequence-sized dims of new tensors (``new_empty(b, h, T, d)``)
+    with that axis, where only one axis can be meant (a K/V graph).
     """
 
     def __init__(
@@ -101,6 +206,8 @@ class SeqDimAnalysis:
         refuse_unexplained: bool = False,
         lenient: bool = False,
         aligned_only: bool = False,
+        seq_length: Optional[int] = None,
+        creation_label: Optional[str] = None,
     ):
         self.mixing_allowed = mixing_allowed
         self.is_seq_sized = is_seq_sized
@@ -108,12 +215,26 @@ class SeqDimAnalysis:
         self.refuse_unexplained = refuse_unexplained
         self.lenient = lenient
         self.aligned_only = aligned_only
+        self.seq_length = seq_length  # the sequence's length (a hint where dynamic)
+        self.creation_label = creation_label
         self.labels: dict[fx.Node, object] = {}
+        # What is known about a tensor's values (``passes/dispatch.py``: that they are positions
+        # along an axis, sort keys, group offsets), set by registered rules.
+        self.facts: dict[fx.Node, object] = {}
+        self.bindings: dict = {}  # Broadcast -> the label it took
         self.unknown_causes: dict[fx.Node, str] = {}  # lenient mode: why a node is UNKNOWN
         self.unaligned: dict[fx.Node, tuple] = {}  # aligned_only: node -> (operand, dim) refused
 
     # -- public -----------------------------------------------------------------------------
     def run(self, nodes: Sequence[fx.Node], initial: dict[fx.Node, object]) -> dict[fx.Node, object]:
+        """Labels of every node; broadcast dims resolved to the axis they met (see ``Broadcast``)."""
+        self._propagate(nodes, initial)
+        if self.bindings or any(isinstance(l, Broadcast) for v in self.labels.values() if isinstance(v, tuple) for l in v):
+            for node, labels in list(self.labels.items()):
+                self.labels[node] = self.resolved(labels)
+        return self.labels
+
+    def _propagate(self, nodes, initial):
         self.labels.update(initial)
         for node in nodes:
             if node in self.labels or node.op == "output":
@@ -131,7 +252,19 @@ class SeqDimAnalysis:
                 labels = UNKNOWN
                 self.unknown_causes[node] = self._root_cause(node, refusal)
             self.labels[node] = labels
+            self._carry_facts(node)
         return self.labels
+
+    def _carry_facts(self, node):
+        if node in self.facts or node.op not in ("call_function", "call_method") or not node.args:
+            return
+        source = node.args[0]
+        if not isinstance(source, fx.Node) or source not in self.facts:
+            return
+        if op_name(node) in VALUE_PRESERVING:
+            self.facts[node] = self.facts[source]
+        elif op_name(node) == "getitem" and isinstance(self.facts[source], list) and isinstance(node.args[1], int):
+            self.facts[node] = self.facts[source][node.args[1]]
 
     def _root_cause(self, node, refusal) -> str:
         for arg in node.all_input_nodes:
@@ -153,12 +286,17 @@ class SeqDimAnalysis:
         return (None,) * len(shape) if shape is not None else None
 
     def _merge(self, a, b, node):
+        if isinstance(a, Broadcast) or isinstance(b, Broadcast):
+            return self._bind(a, b, node)
         if a is None:
             return b
-        if b is None or a == b:
+        if b is None or same_axis(a, b):
             return a
+        if layout(a) != layout(b):  # one position of one meets another position of the other
+            raise CannotChunk(Reason.SEQUENCE_MIXING,
+                              f"{node.name}: axes {a!r} and {b!r} meet elementwise with different layouts")
         if self.source_mode:
-            return a | b
+            return with_layout(a | b, *layout(a))
         raise CannotChunk(Reason.SEQUENCE_MIXING, f"{node.name}: axes {a} and {b} meet elementwise")
 
     def _tensor_args(self, node):
@@ -169,7 +307,37 @@ class SeqDimAnalysis:
         flat, _ = torch.utils._pytree.tree_flatten((node.args, node.kwargs))
         return any(isinstance(a, fx.Node) and self.labels.get(a) == UNKNOWN for a in flat)
 
+    def _bind(self, a, b, node):
+        """Merge where one side is a broadcast dim: it takes the other side's axis."""
+        if isinstance(a, Broadcast) and isinstance(b, Broadcast):
+            self.bindings.setdefault(b, a)
+            return a
+        var, label = (a, b) if isinstance(a, Broadcast) else (b, a)
+        if label is None:
+            return var
+        bound = self.resolve(var)
+        if isinstance(bound, Broadcast):
+            self.bindings[bound] = label
+            return label
+        return self._merge(bound, label, node)
+
+    def resolve(self, label):
+        """The axis a broadcast dim took (itself if none yet); any other label unchanged."""
+        while isinstance(label, Broadcast) and label in self.bindings:
+            label = self.bindings[label]
+        return label
+
+    def resolved(self, labels):
+        """``labels`` with broadcast dims replaced by the axis they took (None if none)."""
+        if isinstance(labels, tuple):
+            return tuple(None if isinstance(l, Broadcast) else l for l in map(self.resolve, labels))
+        if isinstance(labels, list):
+            return [self.resolved(l) for l in labels]
+        return labels
+
     def _mix(self, node, label, what):
+        if isinstance(label, Broadcast):  # summing copies of a value along the sequence is not token-wise
+            raise CannotChunk(Reason.SEQUENCE_MIXING, f"{node.name} ({op_name(node)}) {what} over a broadcast sequence dim")
         if label is None or self.source_mode or self.mixing_allowed(node, label):
             return
         raise CannotChunk(Reason.SEQUENCE_MIXING, f"{node.name} ({op_name(node)}) {what} over sequence axis {label}")
@@ -184,7 +352,8 @@ class SeqDimAnalysis:
             if fresh[i] is None and self.is_seq_sized(size):
                 # A sequence axis starts here: at a creation (``arange(T)``), or, where sizes are
                 # symbolic and so exact, at any op (padding two batches to one length).
-                if self.source_mode and (op_name(node) in CREATION or isinstance(size, torch.SymInt)):
+                if self.source_mode and (op_name(node) in CREATION or op_name(node) in BROADCASTS
+                                         or isinstance(size, torch.SymInt)):
                     fresh[i] = frozenset({node.name})
                 elif self.refuse_unexplained:
                     raise CannotChunk(
@@ -235,6 +404,11 @@ class SeqDimAnalysis:
         value = example(node)
         if not isinstance(value, (torch.Tensor, list, tuple)) or name in NON_TENSOR:
             return None
+        registered = RULES.get(name)
+        if registered is not None:
+            labels = registered(self, node)
+            if labels is not NotImplemented:
+                return labels
         rule = getattr(self, f"_rule_{name}", None)
         if rule is not None:
             return rule(node)
@@ -245,7 +419,7 @@ class SeqDimAnalysis:
         if name in ALONG_DIM:
             return self._along_dim(node)
         if name in CREATION:
-            return self._default_labels(node)
+            return self._creation(node)
         raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: no sequence-dimension rule for {name!r}")
 
     @staticmethod
@@ -287,9 +461,127 @@ class SeqDimAnalysis:
         return labels
 
     def _rule_max(self, node):
-        return self._reduction(node)
+        labels = self._reduction(node)
+        # With a dim, max/min return (values, indices), both shaped like the reduction.
+        return [labels, labels] if isinstance(example(node), (list, tuple)) else labels
 
-    _rule_min = _rule_max
+    _rule_min = _rule_median = _rule_mode = _rule_nanmedian = _rule_max
+
+    def _rule_kthvalue(self, node):
+        labels = list(self.of(node.args[0]))
+        dim = _normalise_dim(self._arg(node, 2, "dim", -1), len(labels))
+        self._mix(node, labels[dim], "selects the k-th value")
+        keepdim = self._arg(node, 3, "keepdim", False)
+        out = tuple(None if i == dim else l for i, l in enumerate(labels)) if keepdim else tuple(
+            l for i, l in enumerate(labels) if i != dim)
+        return [out, out]
+
+    def _rule_topk(self, node):
+        """(values, indices) of the k largest along a dim that must not run along the sequence
+        (a router's top-k over experts); the other dims keep their labels."""
+        labels = self.of(node.args[0])
+        dim = _normalise_dim(self._arg(node, 2, "dim", -1), len(labels))
+        self._mix(node, labels[dim], "selects the top k")
+        return [labels, labels]
+
+    def _rule_sort(self, node):
+        labels = self.of(node.args[0])
+        dim = _normalise_dim(self._arg(node, 1, "dim", -1), len(labels))
+        self._mix(node, labels[dim], "sorts")
+        return [labels, labels] if isinstance(example(node), (list, tuple)) else labels
+
+    def _rule_argsort(self, node):
+        return self._rule_sort(node)
+
+    def _rule_one_hot(self, node):
+        return tuple(self.of(node.args[0])) + (None,)
+
+    def _rule_index_select(self, node):
+        labels = list(self.of(node.args[0]))
+        dim = _normalise_dim(self._arg(node, 1, "dim"), len(labels))
+        if not self._gathers_by_position(self._arg(node, 2, "index"), labels[dim]):
+            self._mix(node, labels[dim], "gathers")
+        (index_label,) = self.of(self._arg(node, 2, "index"))
+        labels[dim] = index_label
+        return tuple(labels)
+
+    def _aligned_merge(self, node, operands, skip_dim):
+        """Labels of same-rank operands merged dim by dim, except ``skip_dim``; a labelled dim
+        must be labelled alike in every operand that is not of size 1 there (an index covering
+        fewer rows than the tensor it writes into would write some positions only)."""
+        shapes = [shape_of(o) for o in operands]
+        labels = [self.of(o) for o in operands]
+        ndim = len(labels[0])
+        out = [None] * ndim
+        for d in range(ndim):
+            if d == skip_dim:
+                continue
+            present = [l[d] for l in labels if l[d] is not None]
+            for l, shape in zip(labels, shapes):
+                if present and l[d] is None and size_hint(shape[d]) != 1:
+                    raise CannotChunk(Reason.SEQUENCE_UNALIGNED,
+                                      f"{node.name} ({op_name(node)}): operand dim {d} meets sequence axis {present[0]} "
+                                      "without running along it")
+            for label in present:
+                out[d] = self._merge(out[d], label, node)
+        return tuple(out)
+
+    def _rule_scatter(self, node):
+        """``x.scatter(dim, index, src)`` (and scatter_add, scatter_reduce): writes along a dim
+        that must not be the sequence; the other dims of x, index and src stay aligned."""
+        x = node.args[0]
+        dim = _normalise_dim(self._arg(node, 1, "dim"), len(self.of(x)))
+        operands = [x, self._arg(node, 2, "index")]
+        src = self._arg(node, 3, "src")
+        if isinstance(src, fx.Node) and isinstance(example(src), torch.Tensor):
+            operands.append(src)
+        for operand in operands:
+            self._mix(node, self.of(operand)[dim], "scatters")
+        return self._aligned_merge(node, operands, dim)
+
+    _rule_scatter_add = _rule_scatter_reduce = _rule_scatter
+
+    def _rule_index_add(self, node):
+        x, source = node.args[0], self._arg(node, 3, "source")
+        dim = _normalise_dim(self._arg(node, 1, "dim"), len(self.of(x)))
+        self._mix(node, self.of(x)[dim], "adds at indices")
+        self._mix(node, self.of(source)[dim], "adds at indices")
+        return self._aligned_merge(node, [x, source], dim)
+
+    _rule_index_copy = _rule_index_fill = _rule_index_add
+
+    def _rule_slice_scatter(self, node):
+        """``slice_scatter(x, src, dim, ...)`` (functionalized ``x[..., a:b] = src``): a slice
+        of a non-sequence dim written, elementwise everywhere else."""
+        x, src = node.args[0], node.args[1]
+        dim = _normalise_dim(self._arg(node, 2, "dim", 0), len(self.of(x)))
+        self._mix(node, self.of(x)[dim], "writes a slice")
+        return self._aligned_merge(node, [x, src], dim)
+
+    def _rule_select_scatter(self, node):
+        x, src = node.args[0], node.args[1]
+        labels = self.of(x)
+        dim = _normalise_dim(self._arg(node, 2, "dim"), len(labels))
+        self._mix(node, labels[dim], "writes an index")
+        src_labels = list(self.of(src))
+        src_labels.insert(dim, None)
+        out = []
+        for d, (a, b) in enumerate(zip(labels, src_labels)):
+            out.append(self._merge(a, b, node))
+        return tuple(out)
+
+    def _creation(self, node):
+        """A new tensor of given sizes: in ``creation_label`` mode a dim of the sequence's
+        length is that axis (its size argument is restated per chunk), else unlabelled."""
+        shape = shape_of(node)
+        if self.creation_label is None:
+            return (None,) * len(shape)
+        return tuple(self.creation_label if self._is_length(size) else None for size in shape)
+
+    def _is_length(self, size) -> bool:
+        if self.seq_length is None or not self.is_seq_sized(size):
+            return False
+        return size_hint(size) == self.seq_length
 
     def _rule_layer_norm(self, node):
         labels = self.of(node.args[0])
@@ -372,8 +664,15 @@ class SeqDimAnalysis:
 
     def _rule_expand(self, node):
         labels = self.of(node.args[0])
-        out_ndim = len(shape_of(node))
-        return (None,) * (out_ndim - len(labels)) + tuple(labels)
+        out_shape, in_shape = shape_of(node), shape_of(node.args[0])
+        out = list((None,) * (len(out_shape) - len(labels)) + tuple(labels))
+        if not self.source_mode and self.seq_length is not None:
+            offset = len(out_shape) - len(in_shape)
+            for d, size in enumerate(out_shape):
+                grown = d < offset or size_hint(in_shape[d - offset]) == 1
+                if out[d] is None and grown and size_hint(size) == self.seq_length and self.is_seq_sized(size):
+                    out[d] = Broadcast(node, d)
+        return tuple(out)
 
     _rule_expand_as = _rule_expand
 
@@ -383,25 +682,65 @@ class SeqDimAnalysis:
     _rule_reshape = _rule_flatten = _rule_unflatten = _rule_view_as = _rule_reshape_as = _rule_view
 
     def _regroup(self, node, labels, in_shape, out_shape):
-        """Labels of a view: an output dim inherits the label of the input dims it overlaps."""
+        """Labels of a view. Dims are grouped where the running products of both shapes meet: a
+        group of one input dim and one output dim keeps its label; several input dims merged
+        into one output dim give it the label of their sequence dim, with the layout of the
+        merge (``Axis``); one input dim split into several gives the label to the output dim
+        that holds the whole axis by its layout, and is refused if none does (the sequence
+        itself is split). Any other regrouping of a sequence dim (``[b, h, t, d] -> [b, t,
+        h*d]`` without the transpose) mixes positions and is refused."""
         in_hint = [size_hint(s) for s in in_shape]
         out_hint = [size_hint(s) for s in out_shape]
         in_cum = [math.prod(in_hint[:i]) for i in range(len(in_hint) + 1)]
         out_cum = [math.prod(out_hint[:i]) for i in range(len(out_hint) + 1)]
+        common = sorted(set(in_cum) & set(out_cum))
+        self._out_shape = out_shape
         out = [None] * len(out_shape)
         for k, label in enumerate(labels):
             if label is None or in_hint[k] == 1:
                 continue
-            candidates = [
-                m for m in range(len(out_shape))
-                if out_hint[m] != 1 and out_cum[m] < in_cum[k + 1] and out_cum[m + 1] > in_cum[k]
-            ]
-            if len(candidates) > 1:  # a split: the sequence goes with the sequence-sized part
-                candidates = [m for m in candidates if self.is_seq_sized(out_shape[m])]
-            if len(candidates) != 1:
-                raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: cannot follow sequence axis {label} through view")
-            out[candidates[0]] = self._merge(out[candidates[0]], label, node)
+            low = max(c for c in common if c <= in_cum[k])
+            high = min(c for c in common if c >= in_cum[k + 1])
+            group_in = [i for i in range(len(in_hint)) if in_hint[i] != 1 and in_cum[i] >= low and in_cum[i + 1] <= high]
+            group_out = [m for m in range(len(out_hint)) if out_hint[m] != 1 and out_cum[m] >= low and out_cum[m + 1] <= high]
+            outer, inner = layout(label)
+            if len(group_out) == 1:
+                (m,) = group_out
+                before = math.prod(in_hint[i] for i in group_in if i < k)
+                after = math.prod(in_hint[i] for i in group_in if i > k)
+                new_label = with_layout(label, outer * before, inner * after)
+            elif len(group_in) == 1 and group_out:
+                m, new_label = self._split_target(node, label, in_hint[k], group_out, out_hint)
+            else:
+                raise CannotChunk(Reason.SEQUENCE_MIXING,
+                                  f"{node.name}: a view regroups sequence axis {label} with other dims "
+                                  f"({list(in_hint)} -> {list(out_hint)}), mixing positions")
+            out[m] = self._merge(out[m], new_label, node)
         return tuple(out)
+
+    def _split_target(self, node, label, size, group_out, out_hint):
+        """(output dim, its label) for an input dim of ``size`` holding axis ``label`` that a view
+        splits into the dims ``group_out``."""
+        outer, inner = layout(label)
+        length = size // (outer * inner)
+        if self.seq_length is not None and (outer, inner) == (1, 1) and length != self.seq_length:
+            # A plain label on a dim that is not the axis's length: its layout is unknown, as
+            # for labels given from outside; the sequence-sized output dim is taken.
+            seq_sized = [m for m in group_out if self.is_seq_sized(self._out_shape[m])]
+            if len(seq_sized) != 1:
+                raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: cannot follow sequence axis {label} through view")
+            return seq_sized[0], label
+        found = []
+        for m in group_out:
+            after = math.prod(out_hint[j] for j in group_out if j > m)
+            if inner % after == 0 and (after * out_hint[m]) % (inner * length) == 0:
+                new_inner = inner // after
+                found.append((m, with_layout(label, out_hint[m] // (length * new_inner), new_inner)))
+        if len(found) != 1:
+            raise CannotChunk(Reason.SEQUENCE_MIXING,
+                              f"{node.name}: a view splits sequence axis {label!r} ({size} -> "
+                              f"{[out_hint[m] for m in group_out]})")
+        return found[0]
 
     def _rule_getitem(self, node):
         base, index = node.args
@@ -432,7 +771,8 @@ class SeqDimAnalysis:
                 self._mix(node, labels[dim], "selects")
                 dim += 1
             elif isinstance(item, fx.Node) and isinstance(example(item), torch.Tensor):
-                self._mix(node, labels[dim], "gathers")
+                if not self._gathers_by_position(item, labels[dim]):
+                    self._mix(node, labels[dim], "gathers")
                 advanced.append(item)
                 out.append("<advanced>")
                 dim += 1
@@ -455,6 +795,12 @@ class SeqDimAnalysis:
         if len(out) != len(shape_of(node)):
             raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: indexing rule disagrees with the traced shape")
         return tuple(out)
+
+    def _gathers_by_position(self, index: fx.Node, label) -> bool:
+        """Whether ``index`` holds positions along the axis ``label`` (a permutation of it, say):
+        gathering by it moves whole positions, each to where the index's own labels say."""
+        fact = self.facts.get(index)
+        return label is not None and getattr(fact, "axis", None) is not None and same_axis(fact.axis, label)
 
     def _broadcast_shapes(self, node, args):
         ndim = max(len(shape_of(a)) for a in args)
@@ -487,12 +833,23 @@ class SeqDimAnalysis:
         )
 
     def _rule_repeat_interleave(self, node):
-        labels = self.of(node.args[0])
+        """Each position repeated ``r`` times in a row stays one block of rows: token-wise, with
+        the axis's inner size times ``r`` (the batched experts' ``repeat_interleave(top_k, 0)``)."""
+        labels = list(self.of(node.args[0]))
         dim = self._arg(node, 2, "dim")
+        repeats = self._arg(node, 1, "repeats")
         if dim is None:
             raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: repeat_interleave without dim flattens")
-        self._mix(node, labels[_normalise_dim(dim, len(labels))], "repeats")
-        return labels
+        dim = _normalise_dim(dim, len(labels))
+        if labels[dim] is not None:
+            if not isinstance(repeats, (int, torch.SymInt)) or isinstance(repeats, bool):
+                self._mix(node, labels[dim], "repeats by a tensor of counts")
+            elif isinstance(repeats, torch.SymInt) and not self.source_mode:
+                self._mix(node, labels[dim], "repeats by a symbolic count")
+            else:
+                outer, inner = layout(labels[dim])
+                labels[dim] = with_layout(labels[dim], outer, inner * int(repeats))
+        return tuple(labels)
 
     def _rule_repeat(self, node):
         labels = self.of(node.args[0])
@@ -612,3 +969,6 @@ def seq_sized_predicate(seq_len) -> Callable[[object], bool]:
 
         return lambda size: isinstance(size, torch.SymInt) and is_multiple(size.node.expr)
     return lambda size: isinstance(size, int) and size == seq_len and seq_len > 1
+
+
+from . import dispatch  # noqa: E402,F401  (registers the mixture-of-experts dispatch rules)

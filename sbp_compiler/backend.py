@@ -7,6 +7,7 @@ inner compiler. Found through the ``torch_dynamo_backends`` entry point, so user
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -16,17 +17,23 @@ import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.debugging import boxed_nop
 
-from passes.errors import CannotChunk
-from passes.head import outline_head
-from passes.outline import GraphContext, outline_layers
-from passes.token_losses import split_token_losses
-
+from .autocast import AutocastState
 from .chunk_compiler import compiled_chunk_graph
 from .config import StreamBPConfig
+from .pipeline import PassState, run_passes
 from .report import GraphReport, new_report
 
 log = logging.getLogger(__name__)
 graph_log = logging.getLogger(__name__ + ".graphs")
+
+
+def _file_name(name: str, limit: int = 120) -> str:
+    """A file name for a graph name: safe characters, and short (module paths can be long)."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    if len(safe) <= limit:
+        return safe
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return f"{safe[:limit // 2]}_{digest}_{safe[-(limit // 2 - 12):]}"
 
 
 class _Dumper:
@@ -43,7 +50,7 @@ class _Dumper:
         code = gm.print_readable(print_output=False)
         graph_log.debug("streambp %s:\n%s", name, code)
         if self.directory:
-            path = os.path.join(self.directory, f"{next(self.counter):03d}_{name.replace('/', '_')}.py")
+            path = os.path.join(self.directory, f"{next(self.counter):03d}_{_file_name(name)}.py")
             with open(path, "w") as f:
                 f.write(code)
 
@@ -72,43 +79,30 @@ def _inner_compile(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, ex
     return aot_autograd(fw_compiler=keep("aot_forward"), bw_compiler=keep("aot_backward"))(gm, example_inputs)
 
 
-def _subgraph_runner(config: StreamBPConfig, dump: _Dumper) -> Callable[[str, fx.GraphModule], Callable]:
+def _subgraph_runner(config: StreamBPConfig, dump: _Dumper, autocast: AutocastState) -> Callable[[str, fx.GraphModule], Callable]:
+    """How every chunk subgraph (K/V, query chunk, mask, head) runs: Inductor-compiled or as it
+    is, under the autocast state the graph was traced with (AOTAutograd runs its graphs with
+    autocast off, and our ops run inside them)."""
+
     def wrap(name: str, gm: fx.GraphModule) -> Callable:
         dump(name, gm)
-        if config.inner_compiler == "inductor":
-            return compiled_chunk_graph(name, gm)
-        return gm
+        run = compiled_chunk_graph(name, gm) if config.inner_compiler == "inductor" else gm
+        return autocast.wrap(run)
 
     return wrap
 
 
-def _outline_head(config: StreamBPConfig, report: GraphReport, graph: GraphContext) -> None:
-    if graph.last_layer_output is None:
-        return
-    try:
-        outline_head(graph, config.head_chunk_size, report.head)
-    except CannotChunk as refusal:
-        report.head.reason, report.head.detail = refusal.reason, refusal.detail
-        log.info("streambp: head not chunked: %s", refusal)
-
-
 def streambp(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None):
-    """The backend: rewrite the decoder layers of ``gm`` for chunked backward, then compile."""
+    """The backend: rewrite the decoder layers and the head of ``gm`` for chunked backward
+    (``pipeline.PASSES``), then compile with AOTAutograd."""
     config = StreamBPConfig.from_options(options)
     report = new_report(config.chunk_size)
     dump = _Dumper(config, report)
     dump("dynamo", gm)
-    wrap = _subgraph_runner(config, dump)
-    report.head.split_losses = split_token_losses(gm)
-    if report.head.split_losses:
-        dump("token_losses", gm)
-    try:
-        graph = outline_layers(gm, example_inputs, config.chunk_size, report, wrap)
-    except CannotChunk as refusal:
-        report.fallback, report.fallback_detail = refusal.reason, refusal.detail
-    else:
-        dump("layers", gm)
-        _outline_head(config, report, graph)
+    autocast = AutocastState.current()
+    report.autocast = str(autocast)
+    state = PassState(config, report, list(example_inputs), _subgraph_runner(config, dump, autocast), autocast)
+    run_passes(gm, state, dump)
     dump("streambp", gm)
     dump.text("report.txt", str(report))
     log.info("%s", report)

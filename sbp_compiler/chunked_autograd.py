@@ -17,11 +17,22 @@ def autograd_in_kernel():
         yield
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def accumulator_like(tensor: torch.Tensor) -> torch.Tensor:
+    """Zeros to sum chunk gradients of ``tensor`` into: float32 for bfloat16/float16 tensors,
+    so the sum over many chunks does not round at every chunk (eager rounds once)."""
+    dtype = torch.float32 if tensor.dtype in LOW_PRECISION else None
+    return torch.zeros_like(tensor, dtype=dtype)
+
+
 class InputGradients:
     """Full-size gradients of an op's tensor inputs, summed chunk by chunk.
 
     A whole input (a weight) receives every chunk's gradient; a sequence input receives a
-    chunk's gradient in its ``[start, end)`` slice along its sequence dim.
+    chunk's gradient in its ``[start, end)`` slice along its sequence dim. Sums are kept in
+    float32 for low-precision inputs and cast back once, in ``result``.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], needs_grad: Sequence[bool]):
@@ -33,7 +44,7 @@ class InputGradients:
         if grad is None:
             return
         if self.grads[index] is None:
-            self.grads[index] = torch.zeros_like(self.tensors[index])
+            self.grads[index] = accumulator_like(self.tensors[index])
         target = self.grads[index]
         if seq_dim is not None:
             target = target.narrow(seq_dim, start, end - start)
@@ -50,7 +61,7 @@ class InputGradients:
         """An input that needs a gradient but did not reach an output gets zeros of its shape, as
         the fake implementations promise; the others get a placeholder scalar."""
         return [
-            g if g is not None else (torch.zeros_like(t) if need else t.new_zeros(()))
+            g.to(t.dtype) if g is not None else (torch.zeros_like(t) if need else t.new_zeros(()))
             for g, t, need in zip(self.grads, self.tensors, self.needs_grad)
         ]
 

@@ -30,12 +30,15 @@ class StreamBPConfig:
                     on the first step, as the chunk shapes settle).
     debug_dir:      if set, every graph after every pass is written there as readable Python
                     (NNN_<name>.py), plus ``report.txt``. Defaults to $STREAMBP_DEBUG_DIR.
+    disable_passes: names of passes of ``sbp_compiler.pipeline.PASSES`` to skip, for debugging
+                    (``("head",)`` keeps the LM head unchunked).
     """
 
     chunk_size: Union[int, str] = "auto"
     head_chunk_size: Union[int, str] = "auto"
     inner_compiler: str = "eager"
     debug_dir: Optional[str] = None
+    disable_passes: tuple = ()
 
     def __post_init__(self):
         for name in ("chunk_size", "head_chunk_size"):
@@ -48,6 +51,14 @@ class StreamBPConfig:
             )
         if self.debug_dir is not None and not isinstance(self.debug_dir, (str, os.PathLike)):
             raise ValueError(f"streambp option debug_dir must be a path, got {self.debug_dir!r}")
+        from .pipeline import PASS_NAMES
+
+        if isinstance(self.disable_passes, str) or not all(isinstance(p, str) for p in self.disable_passes):
+            raise ValueError(f"streambp option disable_passes must be a list of pass names, got {self.disable_passes!r}")
+        unknown = sorted(set(self.disable_passes) - set(PASS_NAMES))
+        if unknown:
+            raise ValueError(f"streambp option disable_passes: unknown pass(es) {unknown}; the passes are {list(PASS_NAMES)}")
+        object.__setattr__(self, "disable_passes", tuple(self.disable_passes))
 
     @classmethod
     def from_options(cls, options: Optional[dict]) -> "StreamBPConfig":

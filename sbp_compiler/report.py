@@ -82,6 +82,10 @@ class GraphReport:
     head: HeadDecision = dataclasses.field(default_factory=HeadDecision)
     fallback: Optional[Reason] = None  # whole-graph fallback
     fallback_detail: str = ""
+    functionalized: list[str] = dataclasses.field(default_factory=list)  # in-place writes made out of place
+    in_place: dict = dataclasses.field(default_factory=dict)  # writes left in place -> why
+    autocast: str = "off"  # the autocast state the chunk subgraphs run under
+    pass_seconds: dict = dataclasses.field(default_factory=dict)  # pass -> seconds (None: disabled)
 
     @property
     def chunked_layers(self) -> list[LayerDecision]:
@@ -93,6 +97,9 @@ class GraphReport:
         found = [self.fallback] if self.fallback else []
         return found + [layer.reason for layer in self.layers if not layer.chunked]
 
+    def timings(self) -> str:
+        return ", ".join(f"{name} {'off' if t is None else f'{t:.2f} s'}" for name, t in self.pass_seconds.items())
+
     def __str__(self):
         head = (f"streambp graph {self.graph_id}: sequence length {self.sequence_length} "
                 f"({'dynamic' if self.dynamic else 'static'}), chunk size {self.chunk_size}, "
@@ -100,6 +107,12 @@ class GraphReport:
         lines = [head]
         if self.fallback:
             lines.append(f"  whole graph runs unchunked: {self.fallback.value}: {self.fallback_detail}")
+        if self.autocast != "off":
+            lines.append(f"  autocast: {self.autocast} (chunk subgraphs run under it)")
+        if self.functionalized:
+            lines.append(f"  in-place writes made out of place: {', '.join(self.functionalized)}")
+        for name, why in self.in_place.items():
+            lines.append(f"  left in place: {name}: {why}")
         lines += [str(layer) for layer in self.layers]
         lines.append(str(self.head))
         return "\n".join(lines)

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .chunked_autograd import InputGradients, autograd_in_kernel, grad_placeholders_fake, op_input_grads, save_op_inputs
+from .chunked_autograd import InputGradients, accumulator_like, autograd_in_kernel, grad_placeholders_fake, op_input_grads, save_op_inputs
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,15 @@ class LayerPlan:
         return self.chunks(length, max(self.chunk_size, KV_CHUNK_TOKENS))
 
     def chunk_mask(self, mask_values, start: int, end: int, full: int, device) -> torch.Tensor:
+        """The mask of queries ``[start, end)`` over keys ``[0, end)``. A rebuilt mask is built
+        over all keys and checked to hide every key after its query (the keys past the chunk
+        too: a chunk only ever sees its prefix), then cut to the prefix."""
         if self.mask_builder is None:
             query = torch.arange(start, end, device=device)
-            mask = torch.arange(end, device=device)[None, :] <= query[:, None]
-        else:
-            mask = self.mask_builder(*mask_values, full, start, end - start, end)
+            return torch.arange(end, device=device)[None, :] <= query[:, None]
+        mask = self.mask_builder(*mask_values, full, start, end - start, full)
         check_lower_right_causal(mask, start, end, self.name)
-        return mask
+        return mask.narrow(-1, 0, end)
 
     def sliced(self, values, start, end):
         """The layer inputs with every sequence input narrowed to ``[start, end)``."""
@@ -110,9 +112,9 @@ class LayerPlan:
 
     def check_dropout(self, values):
         for index in self.dropout_sources:
-            if float(values[index]) != 0.0:
+            if float(values[index].detach()) != 0.0:
                 raise RuntimeError(
-                    f"streambp: {self.name} runs dropout with p={float(values[index])} but was compiled "
+                    f"streambp: {self.name} runs dropout with p={float(values[index].detach())} but was compiled "
                     "for p=0; recompile (torch._dynamo.reset()) so that it runs unchunked"
                 )
 
@@ -138,22 +140,27 @@ class NotCausalError(RuntimeError):
     """A chunk mask lets a query see a later key: chunking would change the result."""
 
 
-def check_lower_right_causal(mask: torch.Tensor, start: int, end: int, where: str) -> None:
-    """Refuse a chunk mask that lets query ``start + j`` see a key after it.
+def _visible(mask: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
 
-    Chunking is exact only because keys past the chunk are invisible to it; a mask that is not
-    causal (an encoder, a prefix-LM) would give wrong gradients, so this is checked every time.
+
+def check_lower_right_causal(mask: torch.Tensor, start: int, end: int, where: str) -> None:
+    """Refuse a chunk mask (queries ``[start, end)`` over all keys) that lets query ``start + j``
+    see a key after it.
+
+    Chunking is exact only because keys past a query are invisible to it; a mask that is not
+    causal (an encoder, a prefix-LM, a look-ahead window) would give wrong gradients, so this is
+    checked every time, on the diagonal block and on every key after the chunk.
     """
-    # Only the diagonal block [start, end) x [start, end) holds keys later than some query of
-    # the chunk: checking it costs chunk^2, not chunk x prefix.
     block = mask.narrow(-1, start, end - start)
     query = torch.arange(end - start, device=mask.device)
     future = query[None, :] > query[:, None]
-    if block.dtype == torch.bool:
-        visible = block & future
-    else:
-        visible = (block > torch.finfo(block.dtype).min / 2) & future
-    if bool(visible.any()):
+    visible = bool((_visible(block) & future).any())
+    if not visible and end < mask.shape[-1]:
+        visible = bool(_visible(mask.narrow(-1, end, mask.shape[-1] - end)).any())
+    if visible:
         raise NotCausalError(
             f"streambp: the attention mask of {where} lets a query see later keys (not causal); "
             "this model cannot be chunked along the sequence"
@@ -205,7 +212,7 @@ def layer_backward(
     with autograd_in_kernel():
         with torch.no_grad():
             key, value = plan.key_value(values, full)
-        grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
+        grad_key, grad_value = accumulator_like(key), accumulator_like(value)
         whole_leaves = {
             i: values[i].detach().requires_grad_() for i in wanted if plan.query_slice_dims[i] is None
         }
@@ -230,19 +237,23 @@ def layer_backward(
         # The prefix contributions: dK/dV through the K/V projections, once per layer (chunk
         # by chunk: the K/V computation is token-wise).
         del key, value
-        for start, end in plan.kv_chunks(full):
+        for start, end in plan.kv_chunks(full) if wanted else ():
             args = plan.sliced(values, start, end)
             leaves = attach_leaves(args, whole_leaves)
             key_chunk, value_chunk = plan.kv_graph(*args, full, end - start)
-            kv_grads = torch.autograd.grad(
-                (key_chunk, value_chunk),
-                list(leaves.values()),
-                (grad_key.narrow(plan.kv_seq_dim, start, end - start),
-                 grad_value.narrow(plan.kv_seq_dim, start, end - start)),
-                allow_unused=True,
-            )
-            accumulate(leaves, kv_grads, start, end)
-            del kv_grads, args, leaves, key_chunk, value_chunk
+            # Only what depends on a trained input is differentiated (LoRA on q/v: K's
+            # projection is frozen, nothing before K needs a gradient).
+            pairs = [
+                (out, grad.narrow(plan.kv_seq_dim, start, end - start).to(out.dtype))
+                for out, grad in ((key_chunk, grad_key), (value_chunk, grad_value)) if out.requires_grad
+            ]
+            if pairs:
+                kv_grads = torch.autograd.grad(
+                    [out for out, _ in pairs], list(leaves.values()), [g for _, g in pairs], allow_unused=True
+                )
+                accumulate(leaves, kv_grads, start, end)
+                del kv_grads
+            del args, leaves, key_chunk, value_chunk, pairs
     return grads.result()
 
 

@@ -30,7 +30,7 @@ def test_auto_chunk_size_in_report():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"chunk": 4}, "valid options are ['chunk_size', 'head_chunk_size', 'inner_compiler', 'debug_dir']"),
+    ({"chunk": 4}, "valid options are ['chunk_size', 'head_chunk_size', 'inner_compiler', 'debug_dir', 'disable_passes']"),
     ({"chunk_size": 0}, "chunk_size must be a positive int or 'auto'"),
     ({"chunk_size": "8"}, "chunk_size must be a positive int or 'auto'"),
     ({"inner_compiler": "tvm"}, "inner_compiler must be one of ('eager', 'inductor')"),

@@ -6,7 +6,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from passes.errors import CannotChunk, Reason
 from passes.rescale import rescale_shape_arguments, rescale_size
-from passes.seq_dims import SeqDimAnalysis, UNKNOWN, seq_sized_predicate
+from passes.seq_dims import SeqDimAnalysis, UNKNOWN, layout, seq_sized_predicate
 
 
 def traced(fn, *shapes):
@@ -47,8 +47,8 @@ def test_flatten_to_rows_and_back_keeps_the_sequence():
         return torch.addmm(b, x.view(-1, 16), w).view(2, 7, 24)
 
     gm = traced(f, (2, 7, 16), (16, 24), (24,))
-    labels = labels_of(gm, {"x": (None, "S", None)}, is_seq_sized=seq_sized_predicate(7))
-    assert labels["view"] == ("S", None)
+    labels = labels_of(gm, {"x": (None, "S", None)}, is_seq_sized=seq_sized_predicate(7), seq_length=7)
+    assert labels["view"] == ("S", None) and layout(labels["view"][0]) == (2, 1)
     assert labels["addmm"] == ("S", None)
     assert labels["view_1"] == (None, "S", None)
 

@@ -1,0 +1,107 @@
+"""The pass pipeline: a visible list of named passes with one signature, and the runner.
+
+Each pass is ``(gm, state) -> None``: it rewrites ``gm`` in place and records what it decided
+in ``state.report``. The runner times every pass, dumps the graph after it (``debug_dir``,
+``TORCH_LOGS="+sbp_compiler"``), skips the passes named in the ``disable_passes`` option, and is
+the safety net: an exception a pass did not turn into a typed refusal puts the graph back as
+Dynamo handed it over, records the error as the reason, and the graph runs with ordinary
+autograd. The backend never fails where ``aot_eager`` would run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+import torch.fx as fx
+
+from passes.errors import CannotChunk, Reason
+from passes.functionalize import Functionalized, functionalize
+from passes.fx_utils import restore_graph, snapshot_graph
+from passes.head import outline_head
+from passes.outline import GraphContext, outline_layers
+from passes.token_losses import split_token_losses
+
+from .autocast import AutocastState
+from .config import StreamBPConfig
+from .report import GraphReport
+
+log = logging.getLogger("sbp_compiler.pipeline")
+
+
+@dataclasses.dataclass
+class PassState:
+    """What the passes share while one graph is compiled."""
+
+    config: StreamBPConfig
+    report: GraphReport
+    example_inputs: list
+    wrap_subgraph: Callable[[str, fx.GraphModule], Callable]
+    autocast: AutocastState
+    functionalized: Optional[Functionalized] = None
+    graph: Optional[GraphContext] = None  # set by the layer pass, read by the head pass
+
+
+def functionalize_pass(gm: fx.GraphModule, state: PassState) -> None:
+    state.functionalized = functionalize(gm)
+    state.report.functionalized = state.functionalized.rewritten
+    state.report.in_place = {n.name: why for n, why in state.functionalized.remaining.items()}
+
+
+def token_losses_pass(gm: fx.GraphModule, state: PassState) -> None:
+    state.report.head.split_losses = split_token_losses(gm)
+
+
+def layers_pass(gm: fx.GraphModule, state: PassState) -> None:
+    mutated = state.functionalized.mutated if state.functionalized else set()
+    try:
+        state.graph = outline_layers(gm, state.example_inputs, state.config.chunk_size, state.report,
+                                     state.wrap_subgraph, mutated=mutated, autocast=state.autocast)
+    except CannotChunk as refusal:
+        state.report.fallback, state.report.fallback_detail = refusal.reason, refusal.detail
+
+
+def head_pass(gm: fx.GraphModule, state: PassState) -> None:
+    if state.graph is None or state.graph.last_layer_output is None:
+        return
+    try:
+        outline_head(state.graph, state.config.head_chunk_size, state.report.head)
+    except CannotChunk as refusal:
+        state.report.head.reason, state.report.head.detail = refusal.reason, refusal.detail
+        log.info("streambp: head not chunked: %s", refusal)
+
+
+PASSES: list[tuple[str, Callable[[fx.GraphModule, PassState], None]]] = [
+    ("functionalize", functionalize_pass),  # in-place writes out of place, so the analyses see the data flow
+    ("token_losses", token_losses_pass),  # cross_entropy(reduction=sum|mean) -> per-token losses + sum
+    ("layers", layers_pass),  # each decoder layer -> streambp::layer
+    ("head", head_pass),  # LM head and loss -> streambp::head
+]
+PASS_NAMES = tuple(name for name, _ in PASSES)
+
+
+def run_passes(gm: fx.GraphModule, state: PassState, dump: Callable[[str, fx.GraphModule], None]) -> None:
+    """Run every enabled pass on ``gm``; on an unexpected error, restore ``gm`` as it came."""
+    original = snapshot_graph(gm)
+    timings = state.report.pass_seconds
+    for name, run in PASSES:
+        if name in state.config.disable_passes:
+            timings[name] = None
+            continue
+        started = time.perf_counter()
+        try:
+            run(gm, state)
+        except Exception as error:  # the safety net: a bug of ours must not fail the user's step
+            restore_graph(gm, original)
+            state.report.layers.clear()
+            state.report.head = type(state.report.head)()
+            state.report.fallback = Reason.INTERNAL_ERROR
+            state.report.fallback_detail = f"pass {name}: {type(error).__name__}: {error}"[:800]
+            log.warning("streambp: pass %s failed, the graph runs unchunked: %s", name, error)
+            log.debug("%s", traceback.format_exc())
+            return
+        finally:
+            timings[name] = time.perf_counter() - started
+        dump(name, gm)
