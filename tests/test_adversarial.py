@@ -1,0 +1,292 @@
+"""Decoders written to break the analysis: every way a value can cross positions that is not the
+causal attention. Each layer is either chunked with exact gradients or refused with its reason;
+never a wrong gradient, never a crash where eager PyTorch runs."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sbp_compiler
+from models import VOCAB, max_relative_error
+from passes.errors import Reason
+
+WIDTH, HEADS, LENGTH, CHUNK = 16, 2, 11, 4
+
+
+def _attention(block, h, mask=None):
+    b, t, d = h.shape
+    q, k, v = block.qkv(h).view(b, t, 3, HEADS, d // HEADS).permute(2, 0, 3, 1, 4)
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out  # [b, heads, t, head_dim]
+
+
+def _merge_heads(out):
+    b, h, t, hd = out.shape
+    return out.transpose(1, 2).reshape(b, t, h * hd)
+
+
+class Block(nn.Module):
+    """A pre-norm causal block; ``variant`` adds one adversarial operation."""
+
+    def __init__(self, variant):
+        super().__init__()
+        self.variant = variant
+        self.norm = nn.LayerNorm(WIDTH)
+        self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
+        self.out = nn.Linear(WIDTH, WIDTH)
+        self.mlp = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x, mask):
+        v = self.variant
+        if v == "writes its input in place":
+            x.mul_(1.5)
+        h = self.norm(x)
+        if v == "randn_like noise":
+            h = h + 0.1 * torch.randn_like(h)
+        if v == "rand noise":
+            h = h * (1 + 0.1 * torch.rand(h.shape))
+        if v == "exponential_ jitter":
+            h = h * torch.empty_like(h).exponential_()
+        attended = _attention(self, h, mask)
+        if v == "reshape without transpose":
+            merged = attended.reshape(x.shape)
+        else:
+            merged = _merge_heads(attended)
+        y = x + self.out(merged)
+        if v == "slice assignment shift":
+            y = y * 1
+            y[:, 1:] = y[:, 1:] + x[:, :-1]
+        if v == "roll":
+            y = y + torch.roll(y, 1, dims=1)
+        if v == "cumsum":
+            y = y + 0.1 * torch.cumsum(y, dim=1)
+        if v == "conv along the sequence":
+            y = y + F.conv1d(F.pad(y.transpose(1, 2), (2, 0)), self.mlp.weight[:, :, None].repeat(1, 1, 3)).transpose(1, 2)
+        if v == "flip":
+            y = y + y.flip(1)
+        if v == "gather by position":
+            y = y + y[:, torch.arange(y.shape[1] - 1, -1, -1)]
+        if v == "sort along the sequence":
+            y = y + y.sort(dim=1).values
+        if v == "in-place on a view of a fresh value":
+            z = self.mlp(y)
+            flat = z.view(-1)
+            flat.mul_(2)
+            return y + z
+        if v == "scrambling view":
+            b, t, d = y.shape
+            y = y + self.mlp(y).transpose(0, 1).reshape(b * t, d).view(b, t, d)
+        return y + self.mlp(y)
+
+
+class Decoder(nn.Module):
+    def __init__(self, variant="", mask="causal"):
+        super().__init__()
+        self.mask_kind = mask
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.blocks = nn.ModuleList([Block(variant) for _ in range(2)])
+        self.head = nn.Linear(WIDTH, VOCAB)
+
+    def mask(self, t):
+        q = torch.arange(t)[:, None]
+        k = torch.arange(t)[None, :]
+        kind = self.mask_kind
+        if kind == "causal":
+            return None
+        if kind == "bool causal":
+            return k <= q
+        if kind == "look-ahead beyond a chunk":
+            return k <= q + CHUNK + 1
+        if kind == "look-ahead of one key":
+            return k <= q + 1
+        if kind == "float causal expanded":
+            return torch.zeros(t, 1).masked_fill(torch.ones(1, 1, dtype=torch.bool), 0.0).expand(t, t) + \
+                torch.where(k <= q, 0.0, float("-inf"))
+        if kind == "bias from the last position":
+            position = torch.arange(t, dtype=torch.float32)
+            bias = (position[-1] - position)[None, :] * -0.1
+            return torch.where(k <= q, bias, float("-inf"))
+        if kind == "bias normalised by the largest key":
+            position = torch.arange(t, dtype=torch.float32)
+            bias = (position / position.max())[None, :]
+            return torch.where(k <= q, bias, float("-inf"))
+        raise ValueError(kind)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        mask = self.mask(ids.shape[1])
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(x.dtype)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.head(x)
+
+
+def _grads(model, fn, ids):
+    model.zero_grad(set_to_none=True)
+    logits = fn(ids)
+    loss = F.cross_entropy(logits.flatten(0, 1), ids.flatten())
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def check(variant="", mask="causal", seed=0):
+    """Exact against eager (the same random draws where the model draws), and the report."""
+    torch.manual_seed(seed)
+    model = Decoder(variant, mask).double()
+    ids = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": CHUNK})
+    for _ in range(2):  # the second step runs the compiled code without compiling
+        torch.manual_seed(5)
+        ref_loss, reference = _grads(model, model, ids)
+        torch.manual_seed(5)
+        loss, grads = _grads(model, compiled, ids)
+        assert torch.allclose(loss, ref_loss, rtol=1e-10, atol=0), (loss, ref_loss)
+        assert max_relative_error(reference, grads) <= 1e-10
+    return sbp_compiler.last_report()
+
+
+REFUSED = {
+    # variant: (reasons allowed, a word the detail names)
+    "randn_like noise": ({Reason.RANDOM}, "randn_like"),
+    "rand noise": ({Reason.RANDOM}, "rand"),
+    "exponential_ jitter": ({Reason.RANDOM, Reason.MUTATION}, "exponential_"),
+    "reshape without transpose": ({Reason.SEQUENCE_MIXING}, "view"),
+    "slice assignment shift": ({Reason.SEQUENCE_MIXING}, "slice"),
+    "roll": ({Reason.SEQUENCE_MIXING}, "roll"),
+    "cumsum": ({Reason.SEQUENCE_MIXING}, "cumsum"),
+    "conv along the sequence": ({Reason.SEQUENCE_MIXING, Reason.UNKNOWN_OP}, ""),
+    "flip": ({Reason.UNKNOWN_OP}, "flip"),
+    "gather by position": ({Reason.SEQUENCE_MIXING}, "gathers"),
+    "sort along the sequence": ({Reason.UNKNOWN_OP, Reason.SEQUENCE_MIXING}, "sort"),
+    "scrambling view": ({Reason.SEQUENCE_MIXING}, ""),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(REFUSED))
+def test_refused_with_its_reason(variant):
+    report = check(variant)
+    reasons, word = REFUSED[variant]
+    assert report.layers and not report.chunked_layers, str(report)
+    first = report.layers[0]
+    assert first.reason in reasons, str(report)
+    assert word in first.detail, str(report)
+
+
+@pytest.mark.parametrize("variant", ["in-place on a view of a fresh value", "writes its input in place"])
+def test_in_place_writes_to_values_of_the_graph_are_made_functional_and_chunked(variant):
+    report = check(variant)
+    assert len(report.chunked_layers) == 2, str(report)
+    assert report.functionalized and not report.in_place
+
+
+def test_layer_writing_into_a_graph_input_is_refused():
+    """The caller sees a write into its own tensor: it stays in place, the layer is refused."""
+    torch.manual_seed(0)
+    model = Decoder("writes its input in place").double()
+
+    def run_blocks(x):
+        for block in model.blocks:
+            x = block(x, None)
+        return x.square().sum()
+
+    x = torch.randn(2, LENGTH, WIDTH, dtype=torch.float64)
+    a, b = x.clone(), x.clone()
+    model.zero_grad()
+    run_blocks(a).backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch.compile(run_blocks, backend="streambp", options={"chunk_size": CHUNK})(b).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert torch.equal(a, b)  # the caller's tensor was written the same way
+    assert max_relative_error(reference, grads) <= 1e-10
+    report = sbp_compiler.last_report()
+    assert report.in_place and report.layers[0].reason == Reason.MUTATION, str(report)
+
+
+@pytest.mark.parametrize("mask", ["bool causal", "float causal expanded"])
+def test_causal_masks_built_outside_the_layers_are_chunked(mask):
+    report = check(mask=mask)
+    assert len(report.chunked_layers) == 2, str(report)
+
+
+@pytest.mark.parametrize("mask", ["look-ahead beyond a chunk", "look-ahead of one key"])
+def test_masks_that_see_later_keys_are_refused_at_compile(mask):
+    report = check(mask=mask)
+    assert report.layers and not report.chunked_layers, str(report)
+    assert {layer.reason for layer in report.layers} == {Reason.NOT_CAUSAL}, str(report)
+
+
+@pytest.mark.parametrize("mask", ["bias from the last position", "bias normalised by the largest key"])
+def test_mask_values_computed_over_all_keys_are_refused(mask):
+    report = check(mask=mask)
+    assert report.layers and not report.chunked_layers, str(report)
+    assert {layer.reason for layer in report.layers} <= {Reason.MASK_UNSUPPORTED, Reason.SEQUENCE_MIXING}, str(report)
+
+
+def test_look_ahead_seen_only_by_a_larger_chunk_does_not_fail_in_training():
+    """The mask lets a query see the key CHUNK + 1 positions ahead: no small probe chunk holds
+    it, the whole row of keys is checked."""
+    report = check(mask="look-ahead beyond a chunk")
+    assert all(layer.reason == Reason.NOT_CAUSAL for layer in report.layers)
+
+
+def test_only_some_weights_train():
+    """LoRA-like: the K/V weights and the norms are frozen, the rest trains."""
+    torch.manual_seed(0)
+    model = Decoder().double()
+    for block in model.blocks:
+        block.norm.requires_grad_(False)
+        block.qkv.requires_grad_(False)
+        block.qkv.weight.requires_grad_(False)
+        block.out.requires_grad_(True)
+    model.embed.requires_grad_(False)
+    ids = torch.randint(0, VOCAB, (2, LENGTH))
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": CHUNK})
+    _, reference = _grads(model, model, ids)
+    _, grads = _grads(model, compiled, ids)
+    assert max_relative_error(reference, grads) <= 1e-10
+    assert len(sbp_compiler.last_report().chunked_layers) == 2
+
+
+class LongPaths(nn.Module):
+    """The decoder's blocks under module names hundreds of characters long in all."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        inner = nn.Module()
+        inner.blocks = nn.ModuleList([Block("") for _ in range(2)])
+        for level in range(4):
+            outer = nn.Module()
+            setattr(outer, f"a_rather_long_module_name_at_level_{level}_of_the_hierarchy_" + "x" * 20, inner)
+            inner = outer
+        self.nest = inner
+        self.head = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        stack = self.nest
+        for level in reversed(range(4)):
+            stack = getattr(stack, f"a_rather_long_module_name_at_level_{level}_of_the_hierarchy_" + "x" * 20)
+        for block in stack.blocks:
+            x = block(x, None)
+        return self.head(x)
+
+
+def test_debug_dir_with_long_module_paths(tmp_path):
+    torch.manual_seed(0)
+    model = LongPaths().double()
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": CHUNK, "debug_dir": str(tmp_path)})
+    _, reference = _grads(model, model, torch.randint(0, VOCAB, (2, LENGTH)))
+    _, grads = _grads(model, compiled, torch.randint(0, VOCAB, (2, LENGTH)))
+    report = sbp_compiler.last_report()
+    assert len(report.chunked_layers) == 2
+    assert len(report.layers[0].path) > 255
+    written = list((tmp_path / f"graph_{report.graph_id:03d}").iterdir())
+    assert any(path.name.endswith(".kv.py") for path in written)
