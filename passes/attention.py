@@ -22,8 +22,8 @@ from .seq_dims import op_name, shape_of, size_hint as size_hint_of
 
 # Ops allowed between the score matmul and the softmax, and between softmax and the value matmul.
 _SCORE_CHAIN = {"mul", "truediv", "div", "add", "sub", "to", "float", "type", "type_as", "tanh", "where", "masked_fill",
-                "contiguous", "cat", "concat", "concatenate"}
-_PROB_CHAIN = {"to", "float", "type", "type_as", "dropout", "contiguous"}
+                "contiguous", "cat", "concat", "concatenate", "view", "reshape"}
+_PROB_CHAIN = {"to", "float", "type", "type_as", "dropout", "contiguous", "view", "reshape"}
 
 
 @dataclasses.dataclass
@@ -33,8 +33,8 @@ class Attention:
     query: fx.Node
     key: fx.Node
     value: fx.Node
-    mask: Optional[fx.Node]  # the mask operand as it enters the attention
-    mask_user: Optional[fx.Node]  # the node consuming the mask (sdpa, or the add/where)
+    masks: list  # operands from outside the layer that mask or bias the scores (a mask, ALiBi)
+    mask_user: Optional[fx.Node]  # the node consuming the last of them (sdpa, or the add/where)
     is_causal: bool  # sdpa's is_causal flag (then there is no mask operand)
     mixing_nodes: frozenset  # nodes allowed to reduce/contract over the key axis
     dropout_p: object  # sdpa dropout_p argument (float or node)
@@ -109,7 +109,7 @@ def _sdpa(node: fx.Node) -> Attention:
         query=bound["query"],
         key=key,
         value=value,
-        mask=bound["attn_mask"],
+        masks=[bound["attn_mask"]] if bound["attn_mask"] is not None else [],
         mask_user=node if bound["attn_mask"] is not None else None,
         is_causal=bool(bound["is_causal"]),
         mixing_nodes=frozenset({node}),
@@ -161,7 +161,7 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
     the layer (a sink's ``logsumexp``) are part of the attention too."""
     chain = [softmax]
     extra: list[fx.Node] = []
-    mask, mask_user, sinks = None, None, []
+    masks, mask_user, sinks = [], None, []
     node = softmax.args[0]
     while op_name(node) in _SCORE_CHAIN:
         chain.append(node)
@@ -183,16 +183,25 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
         if op_name(node) in ("add", "where", "masked_fill", "sub"):
             for other in rest:
                 if other not in scores_in:
-                    if mask is not None:
-                        raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{node.name}: two mask operands")
-                    mask, mask_user = other, node
+                    masks.append(other)
+                    mask_user = mask_user or node
         if not scores_in:
             return None
         node = scores_in[0]
-    if op_name(node) != "matmul":
+    if op_name(node) not in ("matmul", "bmm", "baddbmm"):
         return None  # a softmax that is not attention (a router, say): an ordinary op
     scores = node
     chain.append(scores)
+    if op_name(scores) == "baddbmm":  # bias + q @ k^T: ALiBi's per-key bias (BLOOM)
+        bias = scores.kwargs.get("input", scores.args[0] if scores.args else None)
+        query_operand = scores.kwargs.get("batch1", scores.args[1] if len(scores.args) > 1 else None)
+        key_operand = scores.kwargs.get("batch2", scores.args[2] if len(scores.args) > 2 else None)
+        if not (isinstance(bias, fx.Node) and _from_outside(bias, layer_inputs)):
+            return None
+        masks.append(bias)
+        mask_user = mask_user or scores
+    else:
+        query_operand, key_operand = scores.args[0], scores.args[1]
     if any(scores in _ancestors_of(sink) for sink in sinks):
         return None  # a joined operand computed from the scores is no sink
     users = list(softmax.users)
@@ -201,7 +210,7 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
         probs = users[0]
         chain.append(probs)
         users = list(probs.users)
-    if len(users) != 1 or op_name(users[0]) != "matmul" or users[0].args[0] is not probs:
+    if len(users) != 1 or op_name(users[0]) not in ("matmul", "bmm") or users[0].args[0] is not probs:
         return None
     out = users[0]
     chain.append(out)
@@ -217,10 +226,10 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
     return Attention(
         kind="eager" + (" with sinks" if sinks else ""),
         node=out,
-        query=scores.args[0],
-        key=_before_replication(_strip_transpose(scores.args[1])),
+        query=query_operand,
+        key=_before_replication(_strip_transpose(key_operand)),
         value=_before_replication(out.args[1]),
-        mask=mask,
+        masks=masks,
         mask_user=mask_user,
         is_causal=False,
         mixing_nodes=frozenset(chain + extra),

@@ -1,8 +1,8 @@
 """Decoder-layer detection: the repeated blocks of a Dynamo graph, found without model names.
 
 Dynamo records in ``node.meta["nn_module_stack"]`` the module path each op ran in. A decoder
-stack is a ModuleList: paths ``<prefix>.<i>`` for consecutive ``i`` with the same module type
-(``model.layers.3`` in Llama, ``transformer.h.3`` in GPT-2), of one block in a one-layer model. Every op whose stack contains such a
+stack is a ModuleList: paths ``<prefix>.<i>`` (``model.layers.3`` in Llama, ``transformer.h.3``
+in GPT-2; its blocks may be of different classes, as in hybrids), of one block in a one-layer model. Every op whose stack contains such a
 path belongs to that layer. Whether a found block may be chunked is decided later, by the
 sequence-dimension analysis of its ops, not by its name.
 """
@@ -73,15 +73,17 @@ def find_layer_regions(gm: fx.GraphModule) -> list[LayerRegion]:
             continue
         key = _layer_key(node)
         if key is not None:
-            prefix, index, module_type = key
-            groups[(prefix, module_type)][index].append(node)
+            prefix, index, _ = key
+            # One ModuleList is one stack, whatever the classes of its blocks (Jamba alternates
+            # attention and Mamba layers, Qwen3-Next linear and full attention).
+            groups[prefix][index].append(node)
     # A one-layer model has a ModuleList of one block: single blocks count only when nothing
     # repeats. A wrong pick is safe: the block's own analysis refuses what is not a causal layer.
     stacks = [(key, layers) for key, layers in groups.items() if len(layers) >= 2] or list(groups.items())
     if not stacks:
         raise CannotChunk(Reason.NO_REPEATED_LAYERS, "no ModuleList of decoder blocks")
     # The decoder stack is the repeated block with the most ops in total.
-    (prefix, _), layers = max(stacks, key=lambda item: sum(len(n) for n in item[1].values()))
+    prefix, layers = max(stacks, key=lambda item: sum(len(n) for n in item[1].values()))
     return [region_of(f"{prefix}.{index}", layers[index]) for index in sorted(layers)]
 
 
@@ -91,7 +93,8 @@ def region_of(path: str, nodes: list[fx.Node]) -> LayerRegion:
     inputs: list[fx.Node] = []
     for node in nodes:
         for arg in node.all_input_nodes:
-            if arg not in members and arg not in inputs:
+            # A submodule the region calls (a custom autograd function's bodies) goes with it.
+            if arg not in members and arg not in inputs and arg.op != "get_attr":
                 inputs.append(arg)
     outputs = [n for n in nodes if any(user not in members for user in n.users)]
     return LayerRegion(path=path, nodes=nodes, inputs=inputs, outputs=outputs)
@@ -114,7 +117,13 @@ def extract_subgraph(inputs: list[fx.Node], nodes: list[fx.Node], outputs: list[
     """
     graph = fx.Graph()
     env = placeholders_for(graph, inputs)
+
+    def copied(node: fx.Node) -> fx.Node:
+        if node not in env and node.op == "get_attr":
+            env[node] = graph.node_copy(node)
+        return env[node]
+
     for node in nodes:
-        env[node] = graph.node_copy(node, lambda n: env[n])
+        env[node] = graph.node_copy(node, copied)
     graph.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
     return fx.GraphModule(outputs[0].graph.owning_module or {}, graph)

@@ -33,8 +33,8 @@ class LayerSplit:
     query_graph: fx.GraphModule
     attention: Attention
     query_slice_dims: list  # per layer input: the dim sliced to the query chunk, or None
-    mask_input: Optional[int]  # layer input index of the mask, or None if the mask is synthesized
-    synthesize_causal_mask: bool
+    mask_inputs: list  # layer input indices of the masks and score biases, rebuilt per chunk
+    synthesize_causal_mask: bool  # sdpa's is_causal: the runtime passes a lower-right causal mask
     kv_seq_dim: int  # sequence dim of the key/value operands
     output_seq_dim: int
     dropout_sources: list  # layer input indices whose .item() is a dropout probability
@@ -92,7 +92,7 @@ def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dyna
     for node, labels in zip(placeholders, input_labels):
         if labels == UNKNOWN:
             raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{node.name}: produced by an op without a rule")
-    mask_candidates = {p for p, l in zip(placeholders, input_labels) if isinstance(l, tuple) and l.count("S") == 2}
+    mask_candidates = {p for p, l in zip(placeholders, input_labels) if isinstance(l, tuple) and "S" in l}
     try:
         attention = find_attention(layer_gm, mask_candidates)
     except CannotChunk as refusal:
@@ -100,35 +100,38 @@ def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dyna
             raise CannotChunk(Reason.NO_ATTENTION, _sequence_mixer(layer_gm, placeholders, input_labels, seq_length)) from None
         raise
 
-    mask_input = None
-    if attention.mask is not None:
-        if attention.mask not in mask_candidates:
-            raise CannotChunk(Reason.MASK_UNSUPPORTED, f"mask operand {attention.mask.name} is not a (.., T, T) layer input")
-        mask_input = placeholders.index(attention.mask)
-        mask_labels = input_labels[mask_input]
-        if mask_labels[-2:] != ("S", "S"):
-            raise CannotChunk(Reason.MASK_UNSUPPORTED, "mask sequence axes are not its last two dims")
-    elif not attention.is_causal:
+    # Masks (.., T, T) and score biases along the keys (ALiBi's (.., 1, T)) are rebuilt per chunk.
+    mask_inputs = []
+    for mask in attention.masks:
+        if mask not in mask_candidates:
+            raise CannotChunk(Reason.MASK_UNSUPPORTED, f"mask operand {mask.name} is not a layer input")
+        index = placeholders.index(mask)
+        mask_labels = input_labels[index]
+        if mask_labels.count("S") == 2 and mask_labels[-2:] != ("S", "S") or mask_labels.count("S") == 1 and mask_labels[-1] != "S":
+            raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{mask.name}: its sequence axes are not its last dims")
+        if index not in mask_inputs:
+            mask_inputs.append(index)
+    if not mask_inputs and not attention.is_causal:
         raise CannotChunk(Reason.NOT_CAUSAL, "attention without mask and without is_causal")
-    for p, labels in zip(placeholders, input_labels):
-        if isinstance(labels, tuple) and labels.count("S") > 1 and p is not attention.mask:
+    for i, (p, labels) in enumerate(zip(placeholders, input_labels)):
+        if isinstance(labels, tuple) and labels.count("S") > 1 and i not in mask_inputs:
             raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{p.name} has {labels.count('S')} sequence dims")
 
     dropout_sources = _dropout_probability_sources(layer_gm, attention, placeholders)
     kv_graph, kv_seq_dim = _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dynamic, seq_length)
     query_graph, output_seq_dim, rescaled = _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim,
-                                                         is_seq_sized, dynamic, seq_length)
+                                                         is_seq_sized, dynamic, seq_length, mask_inputs)
     query_slice_dims = [
-        labels.index("S") if isinstance(labels, tuple) and labels.count("S") == 1 else None
-        for labels in input_labels
+        labels.index("S") if isinstance(labels, tuple) and labels.count("S") == 1 and i not in mask_inputs else None
+        for i, labels in enumerate(input_labels)
     ]
     return LayerSplit(
         kv_graph=kv_graph,
         query_graph=query_graph,
         attention=attention,
         query_slice_dims=query_slice_dims,
-        mask_input=mask_input,
-        synthesize_causal_mask=attention.mask is None,
+        mask_inputs=mask_inputs,
+        synthesize_causal_mask=not mask_inputs,
         kv_seq_dim=kv_seq_dim,
         output_seq_dim=output_seq_dim,
         dropout_sources=dropout_sources,
@@ -182,7 +185,8 @@ def _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dyn
     return kv_gm, kv_seq_dim
 
 
-def _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim, is_seq_sized, dynamic, seq_length):
+def _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim, is_seq_sized, dynamic, seq_length,
+                 mask_inputs):
     graph = fx.Graph()
     env = placeholders_for(graph, placeholders)
     key_prefix = graph.placeholder("key_prefix")
@@ -191,7 +195,7 @@ def _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim, is
     value_prefix.meta = dict(attention.value.meta)
     env[attention.key], env[attention.value] = key_prefix, value_prefix
     chunk_mask = None
-    if attention.mask is None:
+    if not mask_inputs:
         chunk_mask = graph.placeholder("chunk_mask")
     full_len, q_len, kv_len = (graph.placeholder(name) for name in ("full_len", "q_len", "kv_len"))
     for node in layer_gm.graph.nodes:
@@ -220,15 +224,18 @@ def _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim, is
 
     mixing = {env[n] for n in attention.mixing_nodes if n in env}
 
-    def rename(i, label, labels):
+    def rename(i, label, labels, rebuilt):
         if label != "S":
             return label
-        if labels.count("S") == 2:  # the mask: (..., query, key)
+        if labels.count("S") == 2:  # a mask: (..., query, key)
             return Q if i == len(labels) - 2 else K
-        return Q
+        return K if rebuilt else Q  # a score bias along the keys, or a token-wise input
 
     new_placeholders = [n for n in graph.nodes if n.op == "placeholder"][: len(placeholders)]
-    initial = _initial(new_placeholders, input_labels, rename)
+    initial = {}
+    for index, (p, labels) in enumerate(zip(new_placeholders, input_labels)):
+        initial[p] = tuple(rename(i, l, labels, index in mask_inputs) for i, l in enumerate(labels)) \
+            if isinstance(labels, tuple) else labels
     kv_labels = [None] * len(shape_of(attention.key))
     kv_labels[kv_seq_dim] = K
     initial[key_prefix] = tuple(kv_labels)

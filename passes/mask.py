@@ -20,9 +20,11 @@ from .errors import CannotChunk, Reason
 from .find_layers import placeholders_for
 from .fx_utils import refuse_side_effects
 from .rescale import rescale_shape_arguments
-from .seq_dims import SeqDimAnalysis, UNKNOWN, is_plain, shape_of, size_hint
+from .seq_dims import SeqDimAnalysis, UNKNOWN, is_plain, op_name, shape_of, size_hint
 
 Q, K = frozenset({"Q"}), frozenset({"K"})
+# Ops whose value at a position depends on the positions before it only.
+PREFIX_OPS = frozenset({"cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"})
 
 
 @dataclasses.dataclass
@@ -58,8 +60,9 @@ def build_mask_builder(mask: fx.Node, outer_labels: dict, is_seq_sized, mutated=
     mask_labels = labels[mask]
     if mask_labels == UNKNOWN or not isinstance(mask_labels, tuple) or len(mask_labels) < 2:
         raise CannotChunk(Reason.MASK_UNSUPPORTED, f"cannot trace the construction of {mask.name}")
-    query_sources, key_sources = mask_labels[-2], mask_labels[-1]
-    if not query_sources or not key_sources or any(l for l in mask_labels[:-2]):
+    query_sources, key_sources = mask_labels[-2] or frozenset(), mask_labels[-1]
+    key_only = not query_sources and size_hint(shape_of(mask)[-2]) == 1  # a bias along the keys (ALiBi)
+    if not (query_sources or key_only) or not key_sources or any(l for l in mask_labels[:-2]):
         raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{mask.name}: sequence axes are not its last two dims")
     if query_sources & key_sources:
         raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{sorted(query_sources & key_sources)} feed both mask axes")
@@ -90,12 +93,15 @@ def build_mask_builder(mask: fx.Node, outer_labels: dict, is_seq_sized, mutated=
     # 3. Follow the narrowed axes and restate the shape arguments at chunk lengths. Strict: the
     # chunk's mask equals the full mask's rows and key prefix only if nothing between the
     # narrowed sources and the mask mixes positions (``pos[-1] - pos``, ``k / k.max()``).
-    chunk_analysis = SeqDimAnalysis(seq_length=seq_length)
+    # The key sources are narrowed to a prefix of the keys, so an op that only looks back along
+    # them (ALiBi's positions from attention_mask.cumsum(-1)) gives the same values there.
+    chunk_analysis = SeqDimAnalysis(seq_length=seq_length,
+                                    mixing_allowed=lambda node, label: label == K and op_name(node) in PREFIX_OPS)
     try:
         chunk_result = chunk_analysis.run([n for n in graph.nodes], chunk_labels)
     except CannotChunk as refusal:
         raise CannotChunk(Reason.MASK_UNSUPPORTED, f"mask construction: {refusal.detail}") from None
-    if chunk_result[env[mask]][-2:] != (Q, K):
+    if chunk_result[env[mask]][-2:] != ((None, K) if key_only else (Q, K)):
         raise CannotChunk(Reason.MASK_UNSUPPORTED, "chunked mask axes do not come out as (query, key)")
     for node, node_labels in chunk_result.items():
         if isinstance(node_labels, tuple) and any(l is not None and l not in (Q, K) for l in node_labels):

@@ -18,7 +18,9 @@ from sbp_compiler.config import auto_chunk_size
 from sbp_compiler.report import GraphReport, LayerDecision
 from sbp_compiler.autocast import AutocastState
 from sbp_compiler.chunked_autograd import inputs_needing_grad
-from sbp_compiler.runtime import InputRef, LayerPlan, NotCausalError, layer_backward, layer_forward, register_plan
+from sbp_compiler.runtime import (
+    InputRef, LayerPlan, MaskSpec, NotCausalError, layer_backward, layer_forward, register_plan,
+)
 
 from .errors import CannotChunk, Reason
 from .find_layers import LayerRegion, extract_subgraph, find_layer_regions, is_size_arithmetic, region_of
@@ -125,7 +127,7 @@ class _ProbeValues:
         return self.values[node]
 
 
-def _probe(plan: LayerPlan, region: LayerRegion, layer_gm: fx.GraphModule, mask_node, mask_inputs: list,
+def _probe(plan: LayerPlan, region: LayerRegion, layer_gm: fx.GraphModule, mask_inputs: list,
            split: LayerSplit, arguments: OpArguments, context: GraphContext):
     """Run the rewritten layer on real chunks of fabricated data before it replaces the original:
     shapes must hold, mask causality too, chunks of a prefix must agree with the prefix run as
@@ -134,7 +136,7 @@ def _probe(plan: LayerPlan, region: LayerRegion, layer_gm: fx.GraphModule, mask_
     full = context.full_length
     value_of = _ProbeValues(context.real_inputs)
     values = [value_of(n) for n in region.inputs]
-    mask_values = [value_of(n) for n in mask_inputs]
+    mask_values = [[value_of(n) for n in inputs] for inputs in mask_inputs]
     try:
         with torch.no_grad():
             key, value = plan.key_value(values, full)
@@ -170,14 +172,14 @@ def _probe(plan: LayerPlan, region: LayerRegion, layer_gm: fx.GraphModule, mask_
     whole = run_chunk(0, length, key, value)
     for size in (2, 3):
         pieces = [run_chunk(s, min(length, s + size), key, value) for s in range(0, length, size)]
-        why = differs(whole, torch.cat(pieces, plan.output_seq_dim))
+        why = differs(whole, torch.cat(pieces, plan.output_seq_dim), autocast=context.autocast)
         if why:
             raise CannotChunk(Reason.PROBE_MISMATCH, f"chunks of {size} tokens against one chunk: {why}")
     if full <= FULL_REFERENCE_TOKENS:
-        _compare_with_original(plan, region, layer_gm, mask_node, mask_values, arguments, value_of, context)
+        _compare_with_original(plan, region, layer_gm, mask_values, arguments, value_of, context)
 
 
-def _compare_with_original(plan, region, layer_gm, mask_node, mask_values, arguments, value_of, context):
+def _compare_with_original(plan, region, layer_gm, mask_values, arguments, value_of, context):
     """Outputs and input gradients of the chunked op (its own forward and backward) against
     the original layer under autograd, on the same fabricated inputs."""
     full = context.full_length
@@ -187,8 +189,9 @@ def _compare_with_original(plan, region, layer_gm, mask_node, mask_values, argum
         if value.is_floating_point() or value.is_complex():
             leaves[node] = value.detach().requires_grad_()
     try:
-        whole_mask = plan.mask_builder(*mask_values, full, 0, full, full) if plan.mask_builder else None
-        inputs = [whole_mask if n is mask_node else leaves.get(n, value_of(n)) for n in region.inputs]
+        inputs = [leaves.get(n, value_of(n)) for n in region.inputs]
+        for spec, values in zip(plan.masks, mask_values):  # the whole masks, as the layer saw them
+            inputs[spec.layer_input] = spec.builder(*values, full, 0, full, full)
         with torch.enable_grad(), context.autocast.entered():
             expected = layer_gm(*inputs)
         grad_output = torch.randn(expected.shape, dtype=expected.dtype, generator=probe_generator())
@@ -205,14 +208,14 @@ def _compare_with_original(plan, region, layer_gm, mask_node, mask_values, argum
         raise CannotChunk(Reason.NOT_CAUSAL, str(error)) from None
     except Exception as error:
         raise CannotChunk(Reason.SHAPE_PROBE, f"forward and backward at the full length: {error!r}"[:500]) from None
-    why = differs(expected, got)
+    why = differs(expected, got, autocast=context.autocast)
     if why:
         raise CannotChunk(Reason.PROBE_MISMATCH, f"output against the original layer: {why}")
-    floor = scale_floor(expected_grads, expected.dtype)
+    floor = scale_floor(expected_grads, expected.dtype, context.autocast)
     for node, grad in zip(differentiable, expected_grads):
         mine = got_grads[arguments.tensors.index(node)]
         grad = torch.zeros_like(mine) if grad is None else grad
-        why = differs(grad, mine, floor)
+        why = differs(grad, mine, floor, context.autocast)
         if why:
             raise CannotChunk(Reason.PROBE_MISMATCH, f"gradient of {node.name} against the original layer: {why}")
 
@@ -362,20 +365,21 @@ def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDeci
         _check_plain_input(node, node_labels, context)
     split = split_layer(layer_gm, input_labels, context.is_seq_sized, context.dynamic, context.full_length)
 
-    mask_node = region.inputs[split.mask_input] if split.mask_input is not None else None
-    builder = run_builder = None
-    if mask_node is not None:
+    mask_nodes = [region.inputs[i] for i in split.mask_inputs]
+    builders = []  # (MaskBuilder, its callable) per rebuilt input; one serves every layer using it
+    for mask_node in mask_nodes:
         if mask_node not in context.mask_builders:
             built = build_mask_builder(mask_node, labels, context.is_seq_sized, context.mutated, context.full_length)
-            context.mask_builders[mask_node] = (built, wrap_subgraph(f"{region.path}.mask", built.graph))
-        builder, run_builder = context.mask_builders[mask_node]
+            context.mask_builders[mask_node] = (built, wrap_subgraph(f"{region.path}.mask.{mask_node.name}", built.graph))
+        builders.append(context.mask_builders[mask_node])
 
-    # Arguments of the op: tensors and ints; the mask itself is rebuilt per chunk.
+    # Arguments of the op: tensors and ints; the masks themselves are rebuilt per chunk.
     arguments = OpArguments(Reason.LAYER_INPUT_UNKNOWN)
     ref, tensors, ints = arguments.ref, arguments.tensors, arguments.ints
 
-    layer_refs = [ref(n) if n is not mask_node else InputRef("mask", -1) for n in region.inputs]
-    mask_refs = [ref(n) for n in builder.inputs] if builder else []
+    layer_refs = [ref(n) if n not in mask_nodes else InputRef("mask", -1) for n in region.inputs]
+    masks = [MaskSpec(index, run, [ref(n) for n in built.inputs])
+             for index, (built, run) in zip(split.mask_inputs, builders)]
     out_value = example(output)
     like = [
         i for i, n in enumerate(tensors)
@@ -391,17 +395,15 @@ def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDeci
         kv_graph=wrap_subgraph(f"{name}.kv", split.kv_graph),
         query_graph=wrap_subgraph(f"{name}.query", split.query_graph),
         layer_inputs=layer_refs,
-        mask_inputs=mask_refs,
+        masks=masks,
         query_slice_dims=split.query_slice_dims,
-        mask_input=split.mask_input,
-        mask_builder=run_builder,
         kv_seq_dim=split.kv_seq_dim,
         output_seq_dim=split.output_seq_dim,
         output_like=like[0],
         dropout_sources=split.dropout_sources,
         chunk_size=context.chunk_size,
     )
-    _probe(plan, region, layer_gm, mask_node, builder.inputs if builder else [], split, arguments, context)
+    _probe(plan, region, layer_gm, [built.inputs for built, _ in builders], split, arguments, context)
     plan_id = register_plan(plan)
 
     graph = gm.graph
@@ -418,9 +420,9 @@ def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDeci
             graph.erase_node(node)
     decision.chunked = True
     decision.attention = split.attention.kind + (" grouped-query" if split.attention.grouped_query_replication else "")
-    decision.mask = (
-        "lower-right causal (built per chunk)" if builder is None
-        else f"rebuilt per chunk (query sources {builder.query_sources}, key sources {builder.key_sources})"
-    )
+    decision.mask = "lower-right causal (built per chunk)" if not builders else "; ".join(
+        f"rebuilt per chunk (query sources {built.query_sources}, key sources {built.key_sources})"
+        if built.query_sources else f"key bias rebuilt per chunk (key sources {built.key_sources})"
+        for built, _ in builders)
     decision.rescaled_arguments = split.rescaled_arguments
     return call

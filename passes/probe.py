@@ -40,20 +40,23 @@ def tolerance(dtype: torch.dtype) -> float:
     return 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4 if dtype == torch.float32 else 1e-6
 
 
-def scale_floor(values, dtype: torch.dtype) -> float:
+def scale_floor(values, dtype: torch.dtype, autocast=None) -> float:
     """The smallest scale to measure one of ``values`` (gradients of one op) against: a
     gradient that is zero in exact arithmetic (a key bias: softmax ignores a constant added to
     a row of scores) is rounding noise of the others' size, not to be divided by itself."""
     largest = max((v.detach().abs().max().item() for v in values if v is not None and v.numel()), default=0.0)
-    return largest * (1.0 if dtype in (torch.bfloat16, torch.float16) else 1e-2 if dtype == torch.float32 else 1e-6)
+    dtypes = [dtype] + [d for _, d in (autocast.enabled if autocast else ())]
+    low = any(d in (torch.bfloat16, torch.float16) for d in dtypes)
+    return largest * (1.0 if low else 1e-2 if torch.float32 in dtypes else 1e-6)
 
 
-def differs(expected: torch.Tensor, got: torch.Tensor, floor: float = 0.0) -> str:
+def differs(expected: torch.Tensor, got: torch.Tensor, floor: float = 0.0, autocast=None) -> str:
     """Why ``got`` is not ``expected`` (shape, or values beyond rounding, relative to the
-    largest expected value or ``floor`` if that is larger), or ''."""
+    largest expected value or ``floor`` if that is larger), or ''. Under ``autocast`` (an
+    ``AutocastState``) the rounding is that of its dtype."""
     if expected.shape != got.shape:
         return f"shape {list(got.shape)} instead of {list(expected.shape)}"
-    limit = tolerance(got.dtype)
+    limit = max([tolerance(got.dtype)] + [tolerance(dtype) for _, dtype in (autocast.enabled if autocast else ())])
     expected, got = expected.detach().double(), got.detach().double()
     if not torch.equal(torch.isfinite(expected), torch.isfinite(got)):
         return "non-finite values in other places"

@@ -118,7 +118,7 @@ POINTWISE = frozenset(
     detach where masked_fill
     and_ or_ xor invert logical_and logical_or logical_not logical_xor bitwise_and bitwise_or
     bitwise_not le lt ge gt eq ne iadd isub imul itruediv add_ sub_ mul_ div_ dropout
-    _to_copy lerp addcmul addcdiv fill_ zero_""".split()
+    _to_copy lerp addcmul addcdiv fill_ zero_ polar real imag conj angle complex""".split()
 )
 REDUCTIONS = frozenset("mean sum amax amin var std norm logsumexp prod all any argmax argmin".split())
 # Same-shape ops that mix positions along one dim.
@@ -493,6 +493,49 @@ class SeqDimAnalysis:
     def _rule_argsort(self, node):
         return self._rule_sort(node)
 
+    def _child(self):
+        return SeqDimAnalysis(is_seq_sized=self.is_seq_sized, source_mode=self.source_mode,
+                              refuse_unexplained=self.refuse_unexplained, aligned_only=self.aligned_only,
+                              seq_length=self.seq_length, creation_label=self.creation_label)
+
+    def _subgraph_outputs(self, body: fx.GraphModule, input_labels):
+        """Labels of a subgraph's outputs (a nested tuple) given its inputs' labels."""
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        child = self._child()
+        labels = child.run(list(body.graph.nodes), dict(zip(placeholders, input_labels)))
+        for inner in body.graph.nodes:
+            shaped = op_name(inner) in ("view", "reshape", "expand") or op_name(inner) in CREATION
+            if shaped and isinstance(labels.get(inner), tuple) and any(labels[inner]):
+                raise CannotChunk(Reason.UNKNOWN_OP, f"{inner.name} states sequence sizes inside a subgraph")
+        output = next(n for n in body.graph.nodes if n.op == "output").args[0]
+        return torch.utils._pytree.tree_map(lambda n: labels.get(n) if isinstance(n, fx.Node) else None, output,
+                                            is_leaf=lambda n: isinstance(n, fx.Node))
+
+    def _rule_autograd_function_apply(self, node):
+        """A custom ``torch.autograd.Function`` (BLOOM's GELU, PhiMoE's router): its forward and
+        its own backward are both analysed; each gradient must run along its input's dims."""
+        forward_attr, backward_attr, *args = node.args
+        root = node.graph.owning_module
+        forward_body, backward_body = (root.get_submodule(a.target) for a in (forward_attr, backward_attr))
+        arg_labels = [self.of(a) for a in args]
+        outs, saved = self._subgraph_outputs(forward_body, arg_labels)
+        grads = self._subgraph_outputs(backward_body, list(outs) + list(saved))
+        grads = grads if isinstance(grads, (list, tuple)) else (grads,)
+        for arg, grad in zip(args, grads):
+            if isinstance(arg, fx.Node) and isinstance(grad, tuple) and grad != self.of(arg):
+                raise CannotChunk(Reason.SEQUENCE_MIXING,
+                                  f"{node.name}: the custom backward's gradient of {arg.name} runs along other dims")
+        return list(outs)
+
+    def _rule_view_as_complex(self, node):
+        """Pairs of the last dim as complex numbers (complex rotary: Llama 4, DeepSeek-V2)."""
+        labels = self.of(node.args[0])
+        self._mix(node, labels[-1], "pairs up")
+        return tuple(labels[:-1])
+
+    def _rule_view_as_real(self, node):
+        return tuple(self.of(node.args[0])) + (None,)
+
     def _rule_one_hot(self, node):
         return tuple(self.of(node.args[0])) + (None,)
 
@@ -629,6 +672,17 @@ class SeqDimAnalysis:
         return tuple(batch) + (a[-2], b[-1])
 
     _rule_bmm = _rule_mm = _rule_matmul
+
+    def _rule_baddbmm(self, node):
+        """``input + batch1 @ batch2`` (BLOOM's ALiBi bias added to the scores)."""
+        batch1 = node.kwargs.get("batch1", node.args[1] if len(node.args) > 1 else None)
+        batch2 = node.kwargs.get("batch2", node.args[2] if len(node.args) > 2 else None)
+        bias = node.kwargs.get("input", node.args[0] if node.args else None)
+        a, b = self.of(batch1), self.of(batch2)
+        self._mix(node, a[-1], "contracts")
+        self._mix(node, b[-2], "contracts")
+        product = (self._merge(a[0], b[0], node), a[1], b[2])
+        return self._merge_pair(node, product, self.of(bias))
 
     def _rule_scaled_dot_product_attention(self, node):
         q, k, v = (self.of(a) for a in node.args[:3])

@@ -37,15 +37,23 @@ class InputRef:
 
 
 @dataclasses.dataclass
+class MaskSpec:
+    """A layer input rebuilt per chunk: an attention mask (.., T, T), or a score bias along the
+    keys (ALiBi's (.., 1, T))."""
+
+    layer_input: int  # the layer input it replaces
+    builder: Callable  # (*inputs, full, q_start, q_len, kv_len) -> the chunk's mask
+    inputs: list[InputRef]  # where the builder's inputs are in the op's arguments
+
+
+@dataclasses.dataclass
 class LayerPlan:
     name: str
     kv_graph: Callable  # (*layer_inputs sliced to a chunk, full, chunk_len) -> (key, value) chunk
     query_graph: Callable  # (*layer_inputs, key_prefix, value_prefix, [mask,] full, q_len, kv_len)
     layer_inputs: list[InputRef]
-    mask_inputs: list[InputRef]
+    masks: list[MaskSpec]  # empty: sdpa's is_causal, a lower-right causal mask is passed instead
     query_slice_dims: list[Optional[int]]  # per layer input
-    mask_input: Optional[int]  # layer input replaced by the chunk mask
-    mask_builder: Optional[Callable]  # (*mask_inputs, full, q_start, q_len, kv_len) -> mask
     kv_seq_dim: int
     output_seq_dim: int
     output_like: int  # index into tensors of an input with the output's shape and dtype
@@ -53,12 +61,13 @@ class LayerPlan:
     chunk_size: int
 
     def unpack(self, tensors, ints):
+        """(layer inputs, each mask's builder inputs) from the op's arguments."""
         def pick(ref: InputRef):
             if ref.kind == "mask":
                 return None
             return tensors[ref.index] if ref.kind == "tensor" else ints[ref.index]
 
-        return [pick(r) for r in self.layer_inputs], [pick(r) for r in self.mask_inputs]
+        return [pick(r) for r in self.layer_inputs], [[pick(r) for r in spec.inputs] for spec in self.masks]
 
     def chunks(self, length: int, size: Optional[int] = None):
         size = size or self.chunk_size
@@ -70,16 +79,17 @@ class LayerPlan:
         (fewer, larger matmuls) at a working set of at most 1024 tokens of its intermediates."""
         return self.chunks(length, max(self.chunk_size, KV_CHUNK_TOKENS))
 
-    def chunk_mask(self, mask_values, start: int, end: int, full: int, device) -> torch.Tensor:
-        """The mask of queries ``[start, end)`` over keys ``[0, end)``. A rebuilt mask is built
-        over all keys and checked to hide every key after its query (the keys past the chunk
-        too: a chunk only ever sees its prefix), then cut to the prefix."""
-        if self.mask_builder is None:
+    def chunk_masks(self, mask_values, start: int, end: int, full: int, device) -> list[torch.Tensor]:
+        """The masks of queries ``[start, end)`` over keys ``[0, end)``: a lower-right causal
+        one for is_causal, or every rebuilt mask, built over all keys and checked together to
+        hide every key after its query (the keys past the chunk too: a chunk only ever sees its
+        prefix), then cut to the prefix."""
+        if not self.masks:
             query = torch.arange(start, end, device=device)
-            return torch.arange(end, device=device)[None, :] <= query[:, None]
-        mask = self.mask_builder(*mask_values, full, start, end - start, full)
-        check_lower_right_causal(mask, start, end, self.name)
-        return mask.narrow(-1, 0, end)
+            return [torch.arange(end, device=device)[None, :] <= query[:, None]]
+        masks = [spec.builder(*values, full, start, end - start, full) for spec, values in zip(self.masks, mask_values)]
+        check_lower_right_causal(masks, start, end, self.name)
+        return [mask.narrow(-1, 0, end) for mask in masks]
 
     def sliced(self, values, start, end):
         """The layer inputs with every sequence input narrowed to ``[start, end)``."""
@@ -102,12 +112,12 @@ class LayerPlan:
 
     def query_args(self, values, mask_values, key, value, start, end, full):
         args = self.sliced(values, start, end)
-        mask = self.chunk_mask(mask_values, start, end, full, key.device)
-        if self.mask_input is not None:
-            args[self.mask_input] = mask
+        masks = self.chunk_masks(mask_values, start, end, full, key.device)
+        for spec, mask in zip(self.masks, masks):
+            args[spec.layer_input] = mask
         args += [key.narrow(self.kv_seq_dim, 0, end), value.narrow(self.kv_seq_dim, 0, end)]
-        if self.mask_input is None:
-            args.append(mask)
+        if not self.masks:
+            args += masks
         return args + [full, end - start, end]
 
     def check_dropout(self, values):
@@ -146,21 +156,31 @@ def _visible(mask: torch.Tensor) -> torch.Tensor:
     return mask > torch.finfo(mask.dtype).min / 2
 
 
-def check_lower_right_causal(mask: torch.Tensor, start: int, end: int, where: str) -> None:
-    """Refuse a chunk mask (queries ``[start, end)`` over all keys) that lets query ``start + j``
-    see a key after it.
+def check_lower_right_causal(masks: list[torch.Tensor], start: int, end: int, where: str) -> None:
+    """Refuse chunk masks (queries ``[start, end)`` over all keys) that together let query
+    ``start + j`` see a key after it (a key is visible if every mask lets it through; a score
+    bias such as ALiBi lets every key through).
 
     Chunking is exact only because keys past a query are invisible to it; a mask that is not
     causal (an encoder, a prefix-LM, a look-ahead window) would give wrong gradients, so this is
     checked every time, on the diagonal block and on every key after the chunk.
     """
-    block = mask.narrow(-1, start, end - start)
-    query = torch.arange(end - start, device=mask.device)
+    full = max(mask.shape[-1] for mask in masks)
+    device = masks[0].device
+
+    def visible(begin, length):
+        seen = None
+        for mask in masks:
+            part = _visible(mask.narrow(-1, begin, length) if mask.shape[-1] == full else mask)
+            seen = part if seen is None else seen & part
+        return seen
+
+    query = torch.arange(end - start, device=device)
     future = query[None, :] > query[:, None]
-    visible = bool((_visible(block) & future).any())
-    if not visible and end < mask.shape[-1]:
-        visible = bool(_visible(mask.narrow(-1, end, mask.shape[-1] - end)).any())
-    if visible:
+    seen = bool((visible(start, end - start) & future).any())
+    if not seen and end < full:
+        seen = bool(visible(end, full - end).any())
+    if seen:
         raise NotCausalError(
             f"streambp: the attention mask of {where} lets a query see later keys (not causal); "
             "this model cannot be chunked along the sequence"

@@ -42,8 +42,9 @@ MORE_ARCHITECTURES = {
     "gptj": dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128),
     "codegen": dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128, n_ctx=128),
     "bloom": dict(hidden_size=32, n_layer=2, n_head=4),
+    "mamba": dict(hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4, time_step_rank=4),
 }
-SDPA_UNSUPPORTED = {"gemma2", "gptj", "codegen", "bloom"}
+SDPA_UNSUPPORTED = {"gemma2", "gptj", "codegen", "bloom", "mamba"}
 
 
 def build_model(arch: str, dtype=torch.float64, attn_implementation="sdpa", seed=0, **overrides):
