@@ -94,6 +94,9 @@ def _several_outputs(outputs: list[fx.Node]) -> str:
     cache_like = [n for n in outputs if isinstance(example(n), torch.Tensor) and example(n).dim() == 4]
     if len(cache_like) >= 2:
         text += " (with use_cache=True each layer also returns its K/V cache: call the model with use_cache=False for training)"
+    elif any("router" in n.name for n in outputs):
+        text += (" (output_router_logits=True: each layer's router logits leave it for the load-balancing loss, "
+                 "which sums over all tokens; train with output_router_logits=False to chunk the layers)")
     return text
 
 

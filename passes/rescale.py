@@ -30,6 +30,29 @@ def rescale_size(size, full, new):
     return size // full * new
 
 
+_RUNTIME_SIZES = frozenset({"size", "sym_size", "numel", "sym_numel", "dim"})
+
+
+def _stated_at_full_length(value, memo: dict) -> bool:
+    """Whether a size argument states the full length (a literal, or arithmetic on the graph's
+    int inputs), rather than reading it off a tensor at run time (``x.size()`` of a chunk is the
+    chunk's size already, and must not be rescaled)."""
+    if not isinstance(value, fx.Node):
+        return True
+    if value not in memo:
+        if value.op == "placeholder":
+            memo[value] = not isinstance(example(value), torch.Tensor)
+        elif op_name(value) in _RUNTIME_SIZES or (
+                op_name(value) == "getitem" and isinstance(value.args[0], fx.Node) and op_name(value.args[0]) in _RUNTIME_SIZES):
+            memo[value] = False
+        else:
+            found = {_stated_at_full_length(a, memo) for a in value.all_input_nodes}
+            if len(found) > 1:
+                raise RuntimeError(f"streambp: size {value.name} mixes stated sizes and sizes read at run time")
+            memo[value] = found.pop() if found else True
+    return memo[value]
+
+
 def _split_size_arguments(node: fx.Node):
     """(arguments before the sizes, the sizes, arguments after them, sizes packed in a tuple)."""
     name = op_name(node)
@@ -59,6 +82,7 @@ def rescale_shape_arguments(gm: fx.GraphModule, labels: dict, lengths: dict) -> 
     """
     rewritten = 0
     graph = gm.graph
+    stated: dict = {}
     for node in list(graph.nodes):
         if node.op not in ("call_method", "call_function"):
             continue
@@ -78,11 +102,15 @@ def rescale_shape_arguments(gm: fx.GraphModule, labels: dict, lengths: dict) -> 
             if len(elements) == 1 and isinstance(elements[0], fx.Node) and not isinstance(example(elements[0]), torch.Tensor) \
                     and len(out) != 1:
                 whole = elements[0]  # a torch.Size value: take it apart
+                if not _stated_at_full_length(whole, stated):
+                    continue  # read off a chunk-sized tensor at run time: already the chunk's
                 elements = [graph.call_function(operator.getitem, (whole, i)) for i in range(len(out))]
                 packed = True
             if len(elements) != len(out):
                 raise RuntimeError(f"streambp: {node.name} has {len(elements)} sizes for {len(out)} dims")
             for i, (full, new) in positions.items():
+                if not _stated_at_full_length(elements[i], stated):
+                    continue
                 elements[i] = graph.call_function(rescale_size, (elements[i], full, new))
                 rewritten += 1
         sizes = [tuple(elements)] if packed else elements
