@@ -18,6 +18,7 @@ from typing import Optional
 import torch.fx as fx
 
 from .errors import CannotChunk, Reason
+from .fx_utils import ancestors
 from .seq_dims import op_name, shape_of, size_hint as size_hint_of
 
 # Ops allowed between the score matmul and the softmax, and between softmax and the value matmul.
@@ -141,16 +142,6 @@ def _key_reduction(node: fx.Node, source: Optional[fx.Node] = None) -> Optional[
     return nodes
 
 
-def _ancestors_of(node: fx.Node) -> set:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
-
-
 def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
     """The eager attention around ``softmax``, or None if it is some other softmax.
 
@@ -202,7 +193,7 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
         mask_user = mask_user or scores
     else:
         query_operand, key_operand = scores.args[0], scores.args[1]
-    if any(scores in _ancestors_of(sink) for sink in sinks):
+    if any(scores in ancestors(sink) for sink in sinks):
         return None  # a joined operand computed from the scores is no sink
     users = list(softmax.users)
     probs = softmax

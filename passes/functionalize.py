@@ -31,7 +31,7 @@ import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .fx_utils import (
-    _inplace_flag, _inplace_position, compute_example, eliminate_dead_code, example_value, fake_mode_of, is_random, mutated_argument, target_name,
+    _inplace_flag, _inplace_position, compute_example, eliminate_dead_code, example, fake_mode_of, is_random, mutated_argument, op_name,
 )
 
 _OUT_OF_PLACE_OPERATOR = {
@@ -83,18 +83,18 @@ class _Aliases:
     def _find_parent(node: fx.Node) -> Optional[fx.Node]:
         if node.op in ("placeholder", "get_attr", "output"):
             return None
-        value = example_value(node)
+        value = example(node)
         storage = _storage(value)
         if storage is None:
             return None
         for arg in node.all_input_nodes:
-            arg_value = example_value(arg)
+            arg_value = example(arg)
             if isinstance(arg_value, (list, tuple)):
                 # A piece of split/chunk/unbind is a view of their input; the outputs of topk,
                 # sort, max, ... are tensors of their own (the piece is its own root).
                 source = arg.args[0] if arg.args and isinstance(arg.args[0], fx.Node) else None
                 if any(_same(_storage(v), storage) for v in arg_value) and source is not None \
-                        and _same(_storage(example_value(source)), storage):
+                        and _same(_storage(example(source)), storage):
                     return arg
             elif _same(_storage(arg_value), storage):
                 return arg
@@ -166,7 +166,7 @@ class _Builder:
 
 
 def _rewrite(graph: fx.Graph, write: fx.Node, aliases: _Aliases, fake_mode) -> None:
-    name = target_name(write)
+    name = op_name(write)
     if is_random(write):
         raise Unsupported(f"{write.name} ({name}) draws random numbers in place")
     if name in _METADATA_WRITES:
@@ -193,15 +193,15 @@ def _rewrite(graph: fx.Graph, write: fx.Node, aliases: _Aliases, fake_mode) -> N
 
 def _broadcast_value(build: _Builder, value, like: fx.Node) -> fx.Node:
     """``value`` (a tensor node or a number) as ``like`` holds it after ``like.copy_(value)``."""
-    dtype = example_value(like).dtype
-    if isinstance(value, fx.Node) and isinstance(example_value(value), torch.Tensor):
+    dtype = example(like).dtype
+    if isinstance(value, fx.Node) and isinstance(example(value), torch.Tensor):
         return build.method("expand_as", build.method("to", value, dtype), like)
     return build.function(torch.full_like, like, value)
 
 
 def _new_value(build: _Builder, write: fx.Node, target: fx.Node) -> fx.Node:
     """The value ``target`` holds after the write, computed out of place."""
-    name = target_name(write)
+    name = op_name(write)
     args, kwargs = write.args, dict(write.kwargs)
     if name == "copy_":
         return _broadcast_value(build, args[1], target)
@@ -222,7 +222,7 @@ def _new_value(build: _Builder, write: fx.Node, target: fx.Node) -> fx.Node:
         value = build.method(name[:-1], *args, **kwargs)
     else:
         raise Unsupported(f"{write.name} ({name}) has no out-of-place form here")
-    got, want = example_value(value), example_value(target)
+    got, want = example(value), example(target)
     if not isinstance(got, torch.Tensor) or got.shape != want.shape:
         raise Unsupported(f"{write.name} ({name}) out of place has another shape")
     if got.dtype != want.dtype:
@@ -232,10 +232,10 @@ def _new_value(build: _Builder, write: fx.Node, target: fx.Node) -> fx.Node:
 
 def _is_sort_indices(node: fx.Node) -> bool:
     """``torch.sort(x)[1]`` or ``torch.argsort(x)``: a permutation of ``0 .. n-1``."""
-    if target_name(node) == "argsort":
+    if op_name(node) == "argsort":
         return True
     return (node.op == "call_function" and node.target is operator.getitem and node.args[1] == 1
-            and target_name(node.args[0]) == "sort")
+            and op_name(node.args[0]) == "sort")
 
 
 def _inverse_permutation(target: fx.Node, chain, items, value) -> bool:
@@ -244,13 +244,13 @@ def _inverse_permutation(target: fx.Node, chain, items, value) -> bool:
     if len(chain) != 1 or len(items) != 1 or not isinstance(value, fx.Node):
         return False
     (perm,) = items
-    if target_name(target) != "empty_like" or target.args[0] is not perm or not _is_sort_indices(perm):
+    if op_name(target) != "empty_like" or target.args[0] is not perm or not _is_sort_indices(perm):
         return False
-    if target_name(value) != "arange" or value.kwargs.get("step", 1) != 1:
+    if op_name(value) != "arange" or value.kwargs.get("step", 1) != 1:
         return False
     bounds = [a for a in value.args]
     start, end = (0, bounds[0]) if len(bounds) == 1 else (bounds[0], bounds[1]) if len(bounds) >= 2 else (None, None)
-    length = example_value(perm).shape[0] if example_value(perm).dim() == 1 else None
+    length = example(perm).shape[0] if example(perm).dim() == 1 else None
     return start == 0 and length is not None and (end is length or end == length)
 
 
@@ -260,12 +260,12 @@ def _index_put(build: _Builder, chain, target, index, value, aliases) -> fx.Node
     if _inverse_permutation(target, chain, items, value):
         # The inverse of a permutation is its argsort: the analysis can follow that.
         inverse = build.function(torch.argsort, items[0])
-        return build.method("to", inverse, example_value(target).dtype)
-    if not all(isinstance(i, fx.Node) and isinstance(example_value(i), torch.Tensor) for i in items):
+        return build.method("to", inverse, example(target).dtype)
+    if not all(isinstance(i, fx.Node) and isinstance(example(i), torch.Tensor) for i in items):
         raise Unsupported(f"setitem with a mixed index {index!r}")
-    if not (isinstance(value, fx.Node) and isinstance(example_value(value), torch.Tensor)):
+    if not (isinstance(value, fx.Node) and isinstance(example(value), torch.Tensor)):
         value = build.method("new_tensor", target, value)
-    value = build.method("to", value, example_value(target).dtype)
+    value = build.method("to", value, example(target).dtype)
     return _scatter_back(build, chain, build.method("index_put", target, tuple(items), value))
 
 
@@ -273,7 +273,7 @@ def _basic_index_steps(index, ndim: int):
     """``x[index]`` (slices, ints, None, Ellipsis) as ("slice", dim, start, stop, step),
     ("select", dim, i) and ("unsqueeze", dim) steps applied one after another."""
     items = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(i, fx.Node) and isinstance(example_value(i), torch.Tensor) for i in items):
+    if any(isinstance(i, fx.Node) and isinstance(example(i), torch.Tensor) for i in items):
         raise Unsupported("write through an advanced index")
     consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
     steps, dim = [], 0
@@ -316,12 +316,12 @@ def _step_backward(build: _Builder, step, base: fx.Node, new: fx.Node) -> fx.Nod
 
 def _undo_view(build: _Builder, parent: fx.Node, child: fx.Node, new_child: fx.Node) -> fx.Node:
     """``parent``'s value once its view ``child`` holds ``new_child``."""
-    name = target_name(child)
+    name = op_name(child)
     args = child.args
     if child.op == "call_function" and child.target is operator.getitem:
-        if isinstance(example_value(parent), (list, tuple)):
-            raise Unsupported(f"write into a piece of {parent.name} ({target_name(parent)})")
-        steps = _basic_index_steps(args[1], example_value(parent).dim())
+        if isinstance(example(parent), (list, tuple)):
+            raise Unsupported(f"write into a piece of {parent.name} ({op_name(parent)})")
+        steps = _basic_index_steps(args[1], example(parent).dim())
         values = [parent]
         for step in steps[:-1]:
             values.append(_step_forward(build, step, values[-1]))
@@ -329,7 +329,7 @@ def _undo_view(build: _Builder, parent: fx.Node, child: fx.Node, new_child: fx.N
         for step, base in zip(reversed(steps), reversed(values)):
             new = _step_backward(build, step, base, new)
         return new
-    if example_value(child).shape == example_value(parent).shape and name in (
+    if example(child).shape == example(parent).shape and name in (
             "to", "contiguous", "detach", "type_as", "float", "double", "half", "bfloat16", "type", "alias"
     ) or mutated_argument(child) is parent:
         return new_child  # the same tensor under another node

@@ -35,7 +35,8 @@ RANDOM_OPS = frozenset(
 _DROPOUTS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"})
 
 
-def target_name(node: fx.Node) -> str:
+def op_name(node: fx.Node) -> str:
+    """The name rules are keyed by: a method's name, a function's ``__name__``, else the node's op."""
     if node.op == "call_method":
         return node.target
     if node.op == "call_function":
@@ -43,8 +44,23 @@ def target_name(node: fx.Node) -> str:
     return node.op
 
 
-def _example(node):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
+def example(node_or_value):
+    """The fake value Dynamo (``example_value``) or AOTAutograd (``val``) recorded for a node;
+    a non-node argument as it is."""
+    if isinstance(node_or_value, fx.Node):
+        return node_or_value.meta.get("example_value", node_or_value.meta.get("val"))
+    return node_or_value
+
+
+def ancestors(node: fx.Node) -> set:
+    """``node`` and every node it is computed from."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
 
 
 def mutated_argument(node: fx.Node) -> Optional[fx.Node]:
@@ -52,9 +68,9 @@ def mutated_argument(node: fx.Node) -> Optional[fx.Node]:
     if node.op not in ("call_method", "call_function", "call_module") or not node.args:
         return _out_argument(node)
     first = node.args[0]
-    if not isinstance(first, fx.Node) or not isinstance(_example(first), torch.Tensor):
+    if not isinstance(first, fx.Node) or not isinstance(example(first), torch.Tensor):
         return _out_argument(node)
-    name = target_name(node)
+    name = op_name(node)
     if node.op == "call_method":
         if name.endswith("_") and not name.startswith("__") and name not in _NOT_DATA_WRITES:
             return first
@@ -112,7 +128,7 @@ def is_random(node: fx.Node) -> bool:
     it is in training mode; ``passes/layer_split`` checks lifted probabilities at run time)."""
     if node.op not in ("call_method", "call_function"):
         return False
-    name = target_name(node)
+    name = op_name(node)
     if name in RANDOM_OPS or getattr(node.target, "_nondeterministic_seeded", False):
         return True
     if name in _DROPOUTS:
@@ -141,17 +157,12 @@ def eliminate_dead_code(graph: fx.Graph) -> bool:
     return graph.eliminate_dead_code(is_impure_node=has_side_effect)
 
 
-def example_value(node):
-    """The fake value Dynamo (``example_value``) or AOTAutograd (``val``) recorded for a node."""
-    return _example(node)
-
-
 def fake_mode_of(graph: fx.Graph):
     """The fake-tensor mode the graph's example values live in (a fresh one if it has none)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     for node in graph.nodes:
-        value = _example(node)
+        value = example(node)
         if isinstance(value, torch._subclasses.FakeTensor):
             return value.fake_mode
     return FakeTensorMode()
@@ -162,7 +173,7 @@ def compute_example(node: fx.Node, fake_mode) -> None:
     like Dynamo's own, and ``example_value`` in its meta."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), _example)
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), example)
     with unset_fake_temporarily(), fake_mode:
         if node.op == "call_method":
             value = getattr(args[0], node.target)(*args[1:], **kwargs)
@@ -198,11 +209,11 @@ def refuse_side_effects(nodes, inputs, mutated, allow_dropout: bool = False) -> 
     from .errors import CannotChunk, Reason
 
     for node in nodes:
-        if is_random(node) and not (allow_dropout and target_name(node) == "dropout"):
-            raise CannotChunk(Reason.RANDOM, f"{node.name} ({target_name(node)})")
+        if is_random(node) and not (allow_dropout and op_name(node) == "dropout"):
+            raise CannotChunk(Reason.RANDOM, f"{node.name} ({op_name(node)})")
         written = mutated_argument(node)
         if written is not None:
-            raise CannotChunk(Reason.MUTATION, f"{node.name} ({target_name(node)}) writes into {written.name} in place")
+            raise CannotChunk(Reason.MUTATION, f"{node.name} ({op_name(node)}) writes into {written.name} in place")
     for node in list(nodes) + list(inputs):
         if node in mutated:
             raise CannotChunk(Reason.MUTATION, f"{node.name} is written in place elsewhere in the graph")

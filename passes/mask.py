@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from .errors import CannotChunk, Reason
 from .find_layers import placeholders_for
-from .fx_utils import refuse_side_effects
+from .fx_utils import ancestors, refuse_side_effects
 from .rescale import rescale_shape_arguments
 from .seq_dims import SeqDimAnalysis, UNKNOWN, is_plain, op_name, shape_of, size_hint
 
@@ -35,18 +35,9 @@ class MaskBuilder:
     key_sources: list[str]
 
 
-def _ancestors(node: fx.Node) -> list[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return [n for n in node.graph.nodes if n in seen]
-
-
 def build_mask_builder(mask: fx.Node, outer_labels: dict, is_seq_sized, mutated=frozenset(), seq_length=None) -> MaskBuilder:
-    cone = _ancestors(mask)
+    seen = ancestors(mask)
+    cone = [n for n in mask.graph.nodes if n in seen]
     inputs = [n for n in cone if n.op == "placeholder"]
     refuse_side_effects(cone, inputs, mutated)
     # 1. Which sources reach which mask axis.

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from .errors import CannotChunk, Reason
+from .fx_utils import example, op_name  # noqa: F401  (the analysis's vocabulary; passes import them from here too)
 
 UNKNOWN = "<unknown>"  # label value for a node lenient analysis could not explain
 
@@ -148,20 +149,6 @@ def register_rule(*names: str):
 # values of a tensor (``facts``) carries over.
 VALUE_PRESERVING = frozenset(
     "to long int float double contiguous clone detach view reshape flatten squeeze unsqueeze expand".split())
-
-
-def op_name(node: fx.Node) -> str:
-    if node.op == "call_method":
-        return node.target
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target))
-    return node.op
-
-
-def example(node_or_value):
-    if isinstance(node_or_value, fx.Node):
-        return node_or_value.meta.get("example_value", node_or_value.meta.get("val"))
-    return node_or_value
 
 
 def size_hint(size) -> int:

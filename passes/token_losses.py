@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .seq_dims import example
+from .fx_utils import compute_example, example, fake_mode_of
 
 _LOSSES = (F.cross_entropy, F.nll_loss)
 # Positional parameters of F.cross_entropy / F.nll_loss, in order.
@@ -74,20 +74,8 @@ def split_token_losses(gm: fx.GraphModule) -> list[str]:
 
 def _refresh_examples(gm: fx.GraphModule) -> None:
     """Example values for the new nodes, computed with fake tensors like Dynamo's."""
-    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
-
-    fake_modes = {
-        v.fake_mode for n in gm.graph.nodes
-        for v in [example(n)] if isinstance(v, torch._subclasses.FakeTensor)
-    }
-    mode = next(iter(fake_modes)) if fake_modes else FakeTensorMode()
-    with unset_fake_temporarily(), mode:
-        for node in gm.graph.nodes:
-            if node.op not in ("call_function", "call_method") or "example_value" in node.meta:
-                continue
-            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), example)
-            if node.op == "call_method":
-                node.meta["example_value"] = getattr(args[0], node.target)(*args[1:], **kwargs)
-            else:
-                node.meta["example_value"] = node.target(*args, **kwargs)
+    mode = fake_mode_of(gm.graph)
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method") and "example_value" not in node.meta:
+            compute_example(node, mode)
     gm.recompile()
