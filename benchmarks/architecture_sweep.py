@@ -178,9 +178,12 @@ def _batch(length, seed):
 
 
 def _accepts(model, name):
+    """Whether ``forward`` takes ``name``, by name or through ``**kwargs`` (passed on to the
+    decoder, as ``use_cache`` is in most models)."""
     import inspect
 
-    return name in inspect.signature(model.forward).parameters
+    parameters = inspect.signature(model.forward).parameters
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def _step_inputs(model, length, seed):

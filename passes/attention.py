@@ -173,7 +173,7 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
         scores_in = [a for a in rest if not _from_outside(a, layer_inputs)]
         if op_name(node) in ("add", "where", "masked_fill", "sub"):
             for other in rest:
-                if other not in scores_in:
+                if other not in scores_in and _made_of_inputs(other):
                     masks.append(other)
                     mask_user = mask_user or node
         if not scores_in:
@@ -189,15 +189,19 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
         key_operand = scores.kwargs.get("batch2", scores.args[2] if len(scores.args) > 2 else None)
         if not (isinstance(bias, fx.Node) and _from_outside(bias, layer_inputs)):
             return None
-        masks.append(bias)
-        mask_user = mask_user or scores
+        if _made_of_inputs(bias):  # not a constant (GPT-NeoX-Japanese's zeros)
+            masks.append(bias)
+            mask_user = mask_user or scores
     else:
         query_operand, key_operand = scores.args[0], scores.args[1]
     if any(scores in ancestors(sink) for sink in sinks):
         return None  # a joined operand computed from the scores is no sink
     users = list(softmax.users)
     probs = softmax
-    while len(users) == 1 and (op_name(users[0]) in _PROB_CHAIN or sinks and _drops_last_keys(users[0])):
+    while len(users) == 1 and (op_name(users[0]) in _PROB_CHAIN or sinks and _drops_last_keys(users[0])
+                               or _masks_probabilities(users[0], probs, layer_inputs)):
+        if op_name(users[0]) in ("masked_fill", "where", "mul"):  # zeroing fully masked rows (CPM-Ant)
+            masks.extend(a for a in users[0].all_input_nodes if a is not probs and _made_of_inputs(a))
         probs = users[0]
         chain.append(probs)
         users = list(probs.users)
@@ -226,6 +230,20 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
         mixing_nodes=frozenset(chain + extra),
         dropout_p=0.0,
     )
+
+
+def _made_of_inputs(node: fx.Node) -> bool:
+    """Whether a value is computed from some layer input's data (a mask), not a constant."""
+    return any(n.op == "placeholder" for n in ancestors(node, data_only=True))
+
+
+def _masks_probabilities(node: fx.Node, probs: fx.Node, layer_inputs: set) -> bool:
+    """``probs.masked_fill(mask == 0, 0)``, ``where(mask, probs, 0)``, ``probs * mask`` with a mask
+    from outside: the probabilities of masked keys set to zero after the softmax."""
+    if op_name(node) not in ("masked_fill", "where", "mul") or probs not in node.all_input_nodes:
+        return False
+    others = [a for a in node.all_input_nodes if a is not probs]
+    return bool(others) and all(_from_outside(a, layer_inputs) for a in others)
 
 
 def _drops_last_keys(node: fx.Node) -> bool:

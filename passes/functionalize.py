@@ -127,6 +127,8 @@ def functionalize(gm: fx.GraphModule) -> Functionalized:
             _rewrite(graph, write, aliases, fake_mode)
         except Unsupported as why:
             result.remaining[write] = str(why)
+        except Exception as error:  # noqa: BLE001 - a form we cannot compute out of place
+            result.remaining[write] = f"{write.name} ({op_name(write)}): {type(error).__name__}: {error}"[:300]
         else:
             result.rewritten.append(write.name)
     if result.rewritten:
@@ -261,12 +263,31 @@ def _index_put(build: _Builder, chain, target, index, value, aliases) -> fx.Node
         # The inverse of a permutation is its argsort: the analysis can follow that.
         inverse = build.function(torch.argsort, items[0])
         return build.method("to", inverse, example(target).dtype)
+    if len(items) == 1 and isinstance(items[0], fx.Node) and example(items[0]).dtype == torch.bool:
+        # x[mask] = v: where() for a number, masked_scatter() for the selected values in order
+        # (no data-dependent shapes, unlike index_put with a mask).
+        mask = items[0]
+        if isinstance(value, fx.Node) and isinstance(example(value), torch.Tensor) and example(value).numel() != 1:
+            new = build.method("masked_scatter", target, _broadcast_mask(build, mask, target), value)
+        else:
+            fill = value if isinstance(value, fx.Node) else build.method("new_tensor", target, value)
+            new = build.function(torch.where, _broadcast_mask(build, mask, target), fill, target)
+            new = build.method("to", new, example(target).dtype)
+        return _scatter_back(build, chain, new)
     if not all(isinstance(i, fx.Node) and isinstance(example(i), torch.Tensor) for i in items):
         raise Unsupported(f"setitem with a mixed index {index!r}")
     if not (isinstance(value, fx.Node) and isinstance(example(value), torch.Tensor)):
         value = build.method("new_tensor", target, value)
     value = build.method("to", value, example(target).dtype)
     return _scatter_back(build, chain, build.method("index_put", target, tuple(items), value))
+
+
+def _broadcast_mask(build: _Builder, mask: fx.Node, target: fx.Node) -> fx.Node:
+    """A boolean index over the leading dims of ``target``, as a mask of its full shape."""
+    missing = example(target).dim() - example(mask).dim()
+    for _ in range(missing):
+        mask = build.method("unsqueeze", mask, -1)
+    return build.method("expand_as", mask, target)
 
 
 def _basic_index_steps(index, ndim: int):
@@ -385,11 +406,14 @@ def _redirect(graph: fx.Graph, write: fx.Node, root: fx.Node, new_root: fx.Node,
                 aliases.parent[replayed[node]] = replayed[parent]
         return replayed[node]
 
+    # Every replayed view is built first (building may fail): only then is any read redirected,
+    # so a write that cannot be rewritten leaves the graph as it was.
     later = [n for n in graph.nodes if order.get(n, -1) > at]
-    for user in later:
-        for arg in list(user.all_input_nodes):
-            if order.get(arg, at + 1) <= at and arg in aliases.parent and aliases.root(arg) is root:
-                replacement = replay(arg)
-                user.replace_input_with(arg, replacement)
-                if aliases.parent.get(user) is arg:
-                    aliases.parent[user] = replacement
+    redirects = [
+        (user, arg, replay(arg)) for user in later for arg in list(user.all_input_nodes)
+        if order.get(arg, at + 1) <= at and arg in aliases.parent and aliases.root(arg) is root
+    ]
+    for user, arg, replacement in redirects:
+        user.replace_input_with(arg, replacement)
+        if aliases.parent.get(user) is arg:
+            aliases.parent[user] = replacement

@@ -52,14 +52,16 @@ def example(node_or_value):
     return node_or_value
 
 
-def ancestors(node: fx.Node) -> set:
-    """``node`` and every node it is computed from."""
+def ancestors(node: fx.Node, data_only: bool = False) -> set:
+    """``node`` and every node it is computed from; ``data_only``: not through sizes (a slice
+    ``mask[..., : key.shape[-2]]`` reads the key's size, not its values)."""
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
         if n not in seen:
             seen.add(n)
-            stack.extend(n.all_input_nodes)
+            stack.extend(a for a in n.all_input_nodes
+                         if not data_only or isinstance(example(a), (torch.Tensor, list, tuple)))
     return seen
 
 

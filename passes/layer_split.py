@@ -20,7 +20,7 @@ import torch.fx as fx
 from .attention import Attention, find_attention
 from .errors import CannotChunk, Reason
 from .find_layers import placeholders_for
-from .fx_utils import eliminate_dead_code
+from .fx_utils import ancestors, eliminate_dead_code
 from .rescale import rescale_shape_arguments
 from .seq_dims import SeqDimAnalysis, UNKNOWN, is_plain, op_name, shape_of
 
@@ -67,6 +67,19 @@ def _dropout_probability_sources(gm: fx.GraphModule, attention: Attention, place
     return sources
 
 
+def _mask_roots(masks: list, candidates: set) -> list:
+    """The layer inputs the masks are made of: each mask operand itself, or the inputs it is
+    computed from inside the layer (``mask[:, :, :, : key.shape[-2]]``, a cast); those ops run
+    on the rebuilt chunk masks in the query-chunk graph, where the analysis checks them."""
+    roots = []
+    for mask in masks:
+        found = [n for n in ancestors(mask, data_only=True) if n.op == "placeholder" and n in candidates]
+        if not found:
+            raise CannotChunk(Reason.MASK_UNSUPPORTED, f"mask operand {mask.name} is not made of layer inputs")
+        roots += [n for n in found if n not in roots]
+    return roots
+
+
 def _sequence_mixer(layer_gm: fx.GraphModule, placeholders, input_labels, seq_length: int) -> str:
     """What mixes positions in a layer without attention (an SSM scan, a convolution, a linear
     attention), named by its op and the module it runs in: the refusal's detail."""
@@ -102,13 +115,14 @@ def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dyna
 
     # Masks (.., T, T) and score biases along the keys (ALiBi's (.., 1, T)) are rebuilt per chunk.
     mask_inputs = []
-    for mask in attention.masks:
-        if mask not in mask_candidates:
-            raise CannotChunk(Reason.MASK_UNSUPPORTED, f"mask operand {mask.name} is not a layer input")
+    for mask in _mask_roots(attention.masks, mask_candidates):
         index = placeholders.index(mask)
         mask_labels = input_labels[index]
         if mask_labels.count("S") == 2 and mask_labels[-2:] != ("S", "S") or mask_labels.count("S") == 1 and mask_labels[-1] != "S":
-            raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{mask.name}: its sequence axes are not its last dims")
+            raise CannotChunk(Reason.MASK_UNSUPPORTED,
+                              f"the attention's mask is computed from {mask.name}, whose sequence axes are not a "
+                              "mask's last dims (a mask that depends on the layer's own data, as a sparse-attention "
+                              "indexer's top-k keys, is not rebuilt per chunk)")
         if index not in mask_inputs:
             mask_inputs.append(index)
     if not mask_inputs and not attention.is_causal:

@@ -279,9 +279,9 @@ def outline_layers(
             log.info("streambp: %s not chunked: %s", region.path, refusal)
             if not isinstance(error, CannotChunk):
                 log.debug("streambp: %s", region.path, exc_info=True)
-            outputs = region_of(region.path, region.nodes).outputs
-            context.last_layer_output = outputs[0] if len(outputs) == 1 else None
-            _label_like_input(context, context.last_layer_output, region.inputs)
+            now = region_of(region.path, region.nodes)  # its inputs as the graph stands (a chunked layer before it)
+            context.last_layer_output = now.outputs[0] if len(now.outputs) == 1 else None
+            _label_like_input(context, context.last_layer_output, now.inputs)
     _label_like_input(context, context.last_layer_output, regions[0].inputs)
     eliminate_dead_code(gm.graph)
     gm.graph.lint()

@@ -119,12 +119,15 @@ POINTWISE = frozenset(
     detach where masked_fill
     and_ or_ xor invert logical_and logical_or logical_not logical_xor bitwise_and bitwise_or
     bitwise_not le lt ge gt eq ne iadd isub imul itruediv add_ sub_ mul_ div_ dropout
-    _to_copy lerp addcmul addcdiv fill_ zero_ polar real imag conj angle complex""".split()
+    _to_copy lerp addcmul addcdiv fill_ zero_ polar real imag conj angle complex wrapped_sqrt""".split()
 )
 REDUCTIONS = frozenset("mean sum amax amin var std norm logsumexp prod all any argmax argmin".split())
 # Same-shape ops that mix positions along one dim.
 ALONG_DIM = frozenset("softmax log_softmax cumsum cumprod logcumsumexp".split())
-CREATION = frozenset("arange ones zeros full empty rand randn new_ones new_zeros new_full new_empty".split())
+CREATION = frozenset("arange ones zeros full empty rand randn new_ones new_zeros new_full new_empty tensor as_tensor "
+                     "scalar_tensor new_tensor".split())
+# New tensors whose values do not depend on the position.
+CONSTANT_CREATION = frozenset("zeros ones full new_zeros new_ones new_full".split())
 # Ops that can grow a size-1 dim to the sequence's length (a mask's ``.expand(t, t)``).
 BROADCASTS = frozenset("expand expand_as broadcast_to".split())
 NON_TENSOR = frozenset("size dim item numel Size _sym_sqrt sym_sqrt sym_int sym_float sym_max sym_min".split())
@@ -514,6 +517,20 @@ class SeqDimAnalysis:
                                   f"{node.name}: the custom backward's gradient of {arg.name} runs along other dims")
         return list(outs)
 
+    def _rule_getattr(self, node):
+        """Tensor attributes Dynamo records as ``getattr(x, name)``: ``x.T`` (Falcon), ``x.mT``,
+        ``x.real``, ``x.data``."""
+        labels, name = self.of(node.args[0]), node.args[1]
+        if not isinstance(labels, tuple):
+            return None
+        if name == "T":
+            return tuple(reversed(labels))
+        if name == "mT":
+            return labels[:-2] + (labels[-1], labels[-2])
+        if name in ("real", "imag", "data"):
+            return labels
+        raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: no sequence-dimension rule for attribute {name!r}")
+
     def _rule_view_as_complex(self, node):
         """Pairs of the last dim as complex numbers (complex rotary: Llama 4, DeepSeek-V2)."""
         labels = self.of(node.args[0])
@@ -604,9 +621,13 @@ class SeqDimAnalysis:
         """A new tensor of given sizes: in ``creation_label`` mode a dim of the sequence's
         length is that axis (its size argument is restated per chunk), else unlabelled."""
         shape = shape_of(node)
-        if self.creation_label is None:
-            return (None,) * len(shape)
-        return tuple(self.creation_label if self._is_length(size) else None for size in shape)
+        if self.creation_label is not None:
+            return tuple(self.creation_label if self._is_length(size) else None for size in shape)
+        if op_name(node) in CONSTANT_CREATION and not self.source_mode:
+            # Constant values along a dim of the sequence's length (a zero score bias): it takes
+            # the axis it meets, like an expanded dim (see ``Broadcast``).
+            return tuple(Broadcast(node, d) if self._is_length(size) else None for d, size in enumerate(shape))
+        return (None,) * len(shape)
 
     def _is_length(self, size) -> bool:
         if self.seq_length is None or not self.is_seq_sized(size):
@@ -816,6 +837,12 @@ class SeqDimAnalysis:
                     self._mix(node, labels[dim], "gathers")
                 advanced.append(item)
                 out.append("<advanced>")
+                dim += 1
+            elif isinstance(item, (list, tuple)) and item and all(isinstance(i, int) for i in item) \
+                    and sum(1 for i in index if isinstance(i, (list, tuple, fx.Node))) == 1:
+                # A list of constant positions (Falcon's qkv[..., [-2], :]): the dim stays, picked.
+                self._mix(node, labels[dim], "selects positions")
+                out.append(None)
                 dim += 1
             else:
                 raise CannotChunk(Reason.UNKNOWN_OP, f"{node.name}: unsupported index {item!r}")

@@ -48,7 +48,8 @@ def _rewritable(node: fx.Node) -> bool:
 def split_token_losses(gm: fx.GraphModule) -> list[str]:
     """Rewrite in place; returns the names of the rewritten loss nodes."""
     graph = gm.graph
-    rewritten = []
+    rewritten, created = [], []
+    mode = fake_mode_of(graph)
     for node in list(graph.nodes):
         if not _rewritable(node):
             continue
@@ -64,18 +65,21 @@ def split_token_losses(gm: fx.GraphModule) -> list[str]:
                 total = graph.call_function(torch.div, (total, count))
         for new in (per_token, total):
             new.meta = {k: v for k, v in node.meta.items() if k != "example_value"}
+        created.extend(n for n in _nodes_between(per_token, node))
         node.replace_all_uses_with(total)
         graph.erase_node(node)
         rewritten.append(node.name)
+    for new in created:  # example values for the new nodes only, with fake tensors like Dynamo's
+        compute_example(new, mode)
     if rewritten:
-        _refresh_examples(gm)
+        gm.recompile()
     return rewritten
 
 
-def _refresh_examples(gm: fx.GraphModule) -> None:
-    """Example values for the new nodes, computed with fake tensors like Dynamo's."""
-    mode = fake_mode_of(gm.graph)
-    for node in gm.graph.nodes:
-        if node.op in ("call_function", "call_method") and "example_value" not in node.meta:
-            compute_example(node, mode)
-    gm.recompile()
+def _nodes_between(first: fx.Node, stop: fx.Node) -> list[fx.Node]:
+    """``first`` and the nodes after it, up to ``stop``: what was inserted before ``stop``."""
+    nodes, node = [], first
+    while node is not stop:
+        nodes.append(node)
+        node = node.next
+    return nodes

@@ -115,6 +115,8 @@ class GraphReport:
             lines.append(f"  left in place: {name}: {why}")
         lines += [str(layer) for layer in self.layers]
         lines.append(str(self.head))
+        if self.pass_seconds:
+            lines.append(f"  passes: {self.timings()}")
         return "\n".join(lines)
 
 
