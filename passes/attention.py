@@ -34,7 +34,10 @@ class Attention:
     query: fx.Node
     key: fx.Node
     value: fx.Node
-    masks: list  # operands from outside the layer that mask or bias the scores (a mask, ALiBi)
+    # Operands from outside the layer that mask or bias the scores, as (node, how it is used):
+    # "keep" (True/nonzero lets a key through, or added to the scores), "drop" (True hides a key:
+    # masked_fill's condition, where()'s with the scores second), "subtract" (subtracted).
+    masks: list
     mask_user: Optional[fx.Node]  # the node consuming the last of them (sdpa, or the add/where)
     is_causal: bool  # sdpa's is_causal flag (then there is no mask operand)
     mixing_nodes: frozenset  # nodes allowed to reduce/contract over the key axis
@@ -110,7 +113,7 @@ def _sdpa(node: fx.Node) -> Attention:
         query=bound["query"],
         key=key,
         value=value,
-        masks=[bound["attn_mask"]] if bound["attn_mask"] is not None else [],
+        masks=[(bound["attn_mask"], "keep")] if bound["attn_mask"] is not None else [],
         mask_user=node if bound["attn_mask"] is not None else None,
         is_causal=bool(bound["is_causal"]),
         mixing_nodes=frozenset({node}),
@@ -174,7 +177,7 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
         if op_name(node) in ("add", "where", "masked_fill", "sub"):
             for other in rest:
                 if other not in scores_in and _made_of_inputs(other):
-                    masks.append(other)
+                    masks.append((other, _mask_use(node, other, scores_in)))
                     mask_user = mask_user or node
         if not scores_in:
             return None
@@ -190,7 +193,7 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
         if not (isinstance(bias, fx.Node) and _from_outside(bias, layer_inputs)):
             return None
         if _made_of_inputs(bias):  # not a constant (GPT-NeoX-Japanese's zeros)
-            masks.append(bias)
+            masks.append((bias, "keep"))
             mask_user = mask_user or scores
     else:
         query_operand, key_operand = scores.args[0], scores.args[1]
@@ -201,7 +204,8 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
     while len(users) == 1 and (op_name(users[0]) in _PROB_CHAIN or sinks and _drops_last_keys(users[0])
                                or _masks_probabilities(users[0], probs, layer_inputs)):
         if op_name(users[0]) in ("masked_fill", "where", "mul"):  # zeroing fully masked rows (CPM-Ant)
-            masks.extend(a for a in users[0].all_input_nodes if a is not probs and _made_of_inputs(a))
+            masks.extend((a, _mask_use(users[0], a, [probs])) for a in users[0].all_input_nodes
+                         if a is not probs and _made_of_inputs(a))
         probs = users[0]
         chain.append(probs)
         users = list(probs.users)
@@ -230,6 +234,22 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
         mixing_nodes=frozenset(chain + extra),
         dropout_p=0.0,
     )
+
+
+def _mask_use(user: fx.Node, mask: fx.Node, scores: list) -> str:
+    """How ``user`` applies ``mask`` to the scores (or probabilities): see ``Attention.masks``."""
+    name = op_name(user)
+    if name == "masked_fill":
+        return "drop"
+    if name == "where":
+        condition = user.args[0] if user.args else user.kwargs.get("condition")
+        if condition is not mask:
+            return "other"  # the mask is a fill value, not a condition: not understood
+        kept = user.args[1] if len(user.args) > 1 else user.kwargs.get("input")
+        return "keep" if kept in scores else "drop"
+    if name == "sub":
+        return "subtract" if user.args[1] is mask else "other"
+    return "keep"  # add, mul
 
 
 def _made_of_inputs(node: fx.Node) -> bool:

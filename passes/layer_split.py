@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import torch
 import torch.fx as fx
 
 from .attention import Attention, find_attention
@@ -22,7 +23,7 @@ from .errors import CannotChunk, Reason
 from .find_layers import placeholders_for
 from .fx_utils import ancestors, eliminate_dead_code
 from .rescale import rescale_shape_arguments
-from .seq_dims import SeqDimAnalysis, UNKNOWN, is_plain, op_name, shape_of
+from .seq_dims import SeqDimAnalysis, UNKNOWN, example, is_plain, op_name, shape_of
 
 Q, K = "Q", "K"
 
@@ -34,6 +35,7 @@ class LayerSplit:
     attention: Attention
     query_slice_dims: list  # per layer input: the dim sliced to the query chunk, or None
     mask_inputs: list  # layer input indices of the masks and score biases, rebuilt per chunk
+    mask_visibility: list  # per mask input: how its values say a key is visible (see _mask_roots)
     synthesize_causal_mask: bool  # sdpa's is_causal: the runtime passes a lower-right causal mask
     kv_seq_dim: int  # sequence dim of the key/value operands
     output_seq_dim: int
@@ -67,16 +69,53 @@ def _dropout_probability_sources(gm: fx.GraphModule, attention: Attention, place
     return sources
 
 
+# Ops a mask may go through inside the layer on its way to the scores, keeping which keys it
+# lets through: casts, views, slices (``mask[..., : key.shape[-2]]``).
+_MASK_PASSING = frozenset("to float double half bfloat16 bool int long type_as contiguous clone view reshape expand "
+                          "expand_as unsqueeze squeeze getitem".split())
+_MASK_FLIPPING = frozenset("invert logical_not bitwise_not".split())
+
+
 def _mask_roots(masks: list, candidates: set) -> list:
-    """The layer inputs the masks are made of: each mask operand itself, or the inputs it is
-    computed from inside the layer (``mask[:, :, :, : key.shape[-2]]``, a cast); those ops run
-    on the rebuilt chunk masks in the query-chunk graph, where the analysis checks them."""
+    """(layer input, how its values say a key is visible) for every mask operand: the input
+    itself, or the input it is computed from inside the layer through casts, views, slices and
+    comparisons with 0/1 (``mask == False``, ``~mask``); those ops run on the rebuilt chunk masks
+    in the query-chunk graph. How a key is visible — "nonzero", "zero", or "above_min" for an
+    additive float mask — is what the run-time causality check needs: a mask applied with
+    ``masked_fill`` hides where it is True, one passed to sdpa shows where it is True."""
     roots = []
-    for mask in masks:
-        found = [n for n in ancestors(mask, data_only=True) if n.op == "placeholder" and n in candidates]
-        if not found:
-            raise CannotChunk(Reason.MASK_UNSUPPORTED, f"mask operand {mask.name} is not made of layer inputs")
-        roots += [n for n in found if n not in roots]
+    for mask, use in masks:
+        if use not in ("keep", "drop"):
+            raise CannotChunk(Reason.MASK_UNSUPPORTED, f"mask operand {mask.name} is applied in a way not understood")
+        node, flipped, compared = mask, use == "drop", False
+        while node not in candidates:
+            name = op_name(node)
+            tensors = [a for a in node.all_input_nodes if isinstance(example(a), torch.Tensor)]
+            if len(tensors) != 1 or node.op == "placeholder":
+                raise CannotChunk(Reason.MASK_UNSUPPORTED,
+                                  f"mask operand {mask.name} is computed inside the layer by {node.name} ({name})")
+            if name in _MASK_FLIPPING:
+                flipped = not flipped
+            elif name in ("eq", "ne"):
+                other = node.args[1] if node.args[0] is tensors[0] else node.args[0]
+                if other not in (0, 1, True, False):
+                    raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{node.name}: a mask compared with {other!r}")
+                flipped ^= (name == "eq") == (other in (0, False))
+                compared = True
+            elif name not in _MASK_PASSING:
+                raise CannotChunk(Reason.MASK_UNSUPPORTED,
+                                  f"mask operand {mask.name} is computed inside the layer by {node.name} ({name})")
+            node = tensors[0]
+        operand = example(mask)
+        if not compared and operand.is_floating_point() and use == "keep":
+            how = "above_min"  # added to the scores
+        else:
+            how = "zero" if flipped else "nonzero"
+        for root, seen in roots:
+            if root is node and seen != how:
+                raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{node.name} masks the scores in two opposite ways")
+        if all(root is not node for root, _ in roots):
+            roots.append((node, how))
     return roots
 
 
@@ -114,8 +153,8 @@ def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dyna
         raise
 
     # Masks (.., T, T) and score biases along the keys (ALiBi's (.., 1, T)) are rebuilt per chunk.
-    mask_inputs = []
-    for mask in _mask_roots(attention.masks, mask_candidates):
+    mask_inputs, mask_visibility = [], []
+    for mask, visible in _mask_roots(attention.masks, mask_candidates):
         index = placeholders.index(mask)
         mask_labels = input_labels[index]
         if mask_labels.count("S") == 2 and mask_labels[-2:] != ("S", "S") or mask_labels.count("S") == 1 and mask_labels[-1] != "S":
@@ -125,6 +164,7 @@ def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dyna
                               "indexer's top-k keys, is not rebuilt per chunk)")
         if index not in mask_inputs:
             mask_inputs.append(index)
+            mask_visibility.append(visible)
     if not mask_inputs and not attention.is_causal:
         raise CannotChunk(Reason.NOT_CAUSAL, "attention without mask and without is_causal")
     for i, (p, labels) in enumerate(zip(placeholders, input_labels)):
@@ -145,6 +185,7 @@ def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dyna
         attention=attention,
         query_slice_dims=query_slice_dims,
         mask_inputs=mask_inputs,
+        mask_visibility=mask_visibility,
         synthesize_causal_mask=not mask_inputs,
         kv_seq_dim=kv_seq_dim,
         output_seq_dim=output_seq_dim,

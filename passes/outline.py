@@ -381,8 +381,8 @@ def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDeci
     ref, tensors, ints = arguments.ref, arguments.tensors, arguments.ints
 
     layer_refs = [ref(n) if n not in mask_nodes else InputRef("mask", -1) for n in region.inputs]
-    masks = [MaskSpec(index, run, [ref(n) for n in built.inputs])
-             for index, (built, run) in zip(split.mask_inputs, builders)]
+    masks = [MaskSpec(index, run, [ref(n) for n in built.inputs], visible)
+             for index, (built, run), visible in zip(split.mask_inputs, builders, split.mask_visibility)]
     out_value = example(output)
     like = [
         i for i, n in enumerate(tensors)

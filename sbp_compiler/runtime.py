@@ -44,6 +44,7 @@ class MaskSpec:
     layer_input: int  # the layer input it replaces
     builder: Callable  # (*inputs, full, q_start, q_len, kv_len) -> the chunk's mask
     inputs: list[InputRef]  # where the builder's inputs are in the op's arguments
+    visible: str = "above_min"  # which values let a key through: "nonzero", "zero", "above_min" (additive)
 
 
 @dataclasses.dataclass
@@ -88,7 +89,7 @@ class LayerPlan:
             query = torch.arange(start, end, device=device)
             return [torch.arange(end, device=device)[None, :] <= query[:, None]]
         masks = [spec.builder(*values, full, start, end - start, full) for spec, values in zip(self.masks, mask_values)]
-        check_lower_right_causal(masks, start, end, self.name)
+        check_lower_right_causal(masks, start, end, self.name, [spec.visible for spec in self.masks])
         return [mask.narrow(-1, 0, end) for mask in masks]
 
     def sliced(self, values, start, end):
@@ -150,13 +151,19 @@ class NotCausalError(RuntimeError):
     """A chunk mask lets a query see a later key: chunking would change the result."""
 
 
-def _visible(mask: torch.Tensor) -> torch.Tensor:
-    if mask.dtype == torch.bool:
-        return mask
+def _visible(mask: torch.Tensor, how: str = "above_min") -> torch.Tensor:
+    """Where a mask lets a key through: its nonzero entries, its zero entries (a masked_fill
+    condition), or, for an additive mask, entries above half the dtype's minimum."""
+    if how == "nonzero" or (how == "above_min" and mask.dtype == torch.bool):
+        return mask != 0
+    if how == "zero":
+        return mask == 0
+    if not mask.is_floating_point():
+        return torch.ones_like(mask, dtype=torch.bool)  # an integer added to the scores hides nothing
     return mask > torch.finfo(mask.dtype).min / 2
 
 
-def check_lower_right_causal(masks: list[torch.Tensor], start: int, end: int, where: str) -> None:
+def check_lower_right_causal(masks: list[torch.Tensor], start: int, end: int, where: str, how=None) -> None:
     """Refuse chunk masks (queries ``[start, end)`` over all keys) that together let query
     ``start + j`` see a key after it (a key is visible if every mask lets it through; a score
     bias such as ALiBi lets every key through).
@@ -167,11 +174,12 @@ def check_lower_right_causal(masks: list[torch.Tensor], start: int, end: int, wh
     """
     full = max(mask.shape[-1] for mask in masks)
     device = masks[0].device
+    how = how or ["above_min"] * len(masks)
 
     def visible(begin, length):
         seen = None
-        for mask in masks:
-            part = _visible(mask.narrow(-1, begin, length) if mask.shape[-1] == full else mask)
+        for mask, kind in zip(masks, how):
+            part = _visible(mask.narrow(-1, begin, length) if mask.shape[-1] == full else mask, kind)
             seen = part if seen is None else seen & part
         return seen
 

@@ -16,6 +16,9 @@ WIDTH, HEADS, LENGTH, CHUNK = 16, 2, 11, 4
 def _attention(block, h, mask=None):
     b, t, d = h.shape
     q, k, v = block.qkv(h).view(b, t, 3, HEADS, d // HEADS).permute(2, 0, 3, 1, 4)
+    if block.variant == "masked_fill hides where the mask is True":
+        scores = (q @ k.transpose(-1, -2)) / (d // HEADS) ** 0.5
+        return scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
     if mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
@@ -102,6 +105,10 @@ class Decoder(nn.Module):
             return k <= q + CHUNK + 1
         if kind == "look-ahead of one key":
             return k <= q + 1
+        if kind == "hide later keys":  # True hides: causal when applied with masked_fill
+            return k > q
+        if kind == "hide the first key only":  # True hides: every later key visible
+            return (k == 0) & (q > 0)
         if kind == "float causal expanded":
             return torch.zeros(t, 1).masked_fill(torch.ones(1, 1, dtype=torch.bool), 0.0).expand(t, t) + \
                 torch.where(k <= q, 0.0, float("-inf"))
@@ -227,6 +234,17 @@ def test_mask_values_computed_over_all_keys_are_refused(mask):
     report = check(mask=mask)
     assert report.layers and not report.chunked_layers, str(report)
     assert {layer.reason for layer in report.layers} <= {Reason.MASK_UNSUPPORTED, Reason.SEQUENCE_MIXING}, str(report)
+
+
+def test_mask_polarity_follows_its_use():
+    """A mask applied with masked_fill hides where it is True: hiding the later keys is causal
+    (chunked, exact); hiding only the first key lets every later key through (refused), although
+    the same values passed to sdpa would be a causal mask."""
+    report = check("masked_fill hides where the mask is True", mask="hide later keys")
+    assert len(report.chunked_layers) == 2, str(report)
+    report = check("masked_fill hides where the mask is True", mask="hide the first key only")
+    assert report.layers and not report.chunked_layers, str(report)
+    assert {layer.reason for layer in report.layers} == {Reason.NOT_CAUSAL}, str(report)
 
 
 def test_look_ahead_seen_only_by_a_larger_chunk_does_not_fail_in_training():
