@@ -414,12 +414,34 @@ def render(rows: list[dict]) -> str:
         first = f"{row['first_step_s']} s" if "first_step_s" in row else ""
         ratio = f"{memory['ratio']:.2f}x" if memory else ""
         lines.append(f"| {row['arch']} | {_cell(row)} | {error_text} | {first} | {ratio} | {reasons} |")
+    lines.append("")
+    lines.extend(summary(rows))
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """The sweep's acceptance figures: counts per result, the share of architectures whose eager
+    step works that chunk every layer, the slowest first step and the largest memory ratio."""
     counts = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
-    lines.append("")
-    lines.append("Totals: " + ", ".join(f"{status} {n}" for status, n in sorted(counts.items())))
-    return "\n".join(lines)
+    lines = ["Totals: " + ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))]
+    trainable = [row for row in rows if row["status"] != "eager fails"]
+    chunked = [row for row in trainable if row["status"] == "chunked"]
+    if trainable:
+        lines.append(f"Every layer chunked: {len(chunked)} of the {len(trainable)} architectures whose eager "
+                     f"step works ({100 * len(chunked) / len(trainable):.0f}%).")
+    timed = [row for row in rows if "first_step_s" in row]
+    if timed:
+        slowest = max(timed, key=lambda row: row["first_step_s"])
+        lines.append(f"Slowest first step (compile + probe + step): {slowest['first_step_s']} s ({slowest['arch']}).")
+    measured = [row for row in rows if row.get("memory")]
+    if measured:
+        worst = max(measured, key=lambda row: row["memory"]["ratio"])
+        lines.append(f"Peak memory of a loss-only step at T={worst['memory']['length']}, streambp / eager: at most "
+                     f"{worst['memory']['ratio']:.2f}x ({worst['arch']}), over {len(measured)} architectures with a "
+                     "chunked layer.")
+    return lines
 
 
 def main(argv=None):
@@ -429,6 +451,7 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=600, help="seconds per architecture")
     parser.add_argument("--memory-length", type=int, default=0, help="also measure peak memory at this length")
     parser.add_argument("--json", default=None, help="write every row to this file")
+    parser.add_argument("--render", default=None, metavar="JSON", help="print the table of an earlier --json file")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -441,6 +464,11 @@ def main(argv=None):
             row = check_architecture(args.one, args.memory_length)
         with open(args.out, "w") as f:
             json.dump(row, f)
+        return
+
+    if args.render:
+        with open(args.render) as f:
+            print(render(json.load(f)))
         return
 
     archs = args.archs or all_architectures()
