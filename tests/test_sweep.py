@@ -12,7 +12,9 @@ FAMILIES = {
     "mistral": "dense with a sliding window",
     "gemma2": "soft-capped scores and logits, eager attention, alternating sliding/full layers",
     "opt": "tied embeddings",
-    "qwen3_moe": "mixture of experts",
+    # Qwen3.5-MoE's linear-attention layers fail under aot_eager itself (upstream): its attention
+    # layers, with gated attention output and experts with a gated shared expert
+    "qwen3_5_moe_text[attention layers]": "mixture of experts with a shared expert, gated attention",
     "deepseek_v3": "latent attention (MLA) and group-routed experts with a dense first layer",
     "gpt_oss": "attention sinks, experts with biases, sliding/full layers",
     "lfm2_moe": "hybrid: a short convolution mixer and attention layers",
