@@ -63,3 +63,44 @@ def test_bfloat16_weights_error_independent_of_chunk_size(chunk_size):
     _, grads = loss_and_grads(model, compiled, inputs)
     assert len(sbp_compiler.last_report().chunked_layers) == 2
     assert layer_weight_error(exact, grads) <= 1.25 * layer_weight_error(exact, eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_on_cuda_with_a_grad_scaler(arch, dtype):
+    """CUDA autocast in bfloat16, and in float16 with a GradScaler as people train: the scaled
+    loss's gradients, unscaled, are as far from float64 as eager autocast's."""
+    model = build_model(arch, dtype=torch.float32)
+    exact = float64_gradients(model, batch(64, pad=5))  # on the CPU
+    model.cuda()
+    inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch(64, pad=5).items()}
+    scale = 1024.0 if dtype == torch.float16 else 1.0  # GradScaler's scale, fixed for a comparison
+
+    def step(fn):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype):
+            loss = fn(**inputs).loss
+        (loss * scale).backward()
+        grads = {n: (p.grad / scale).cpu() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    eager_loss, eager = step(model)
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 16})
+    loss, grads = step(compiled)
+    report = sbp_compiler.last_report()
+    assert len(report.chunked_layers) == 2 and report.autocast.startswith("cuda"), str(report)
+    assert torch.allclose(loss, eager_loss, rtol=1e-2, atol=0), (loss, eager_loss)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    eager_error, error = layer_weight_error(exact, eager), layer_weight_error(exact, grads)
+    assert error <= 1.5 * eager_error, (error, eager_error)
+
+    scaler = torch.amp.GradScaler("cuda")  # and the scaler's own loop runs and steps
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with torch.autocast("cuda", dtype=dtype):
+        loss = compiled(**inputs).loss
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
