@@ -42,12 +42,21 @@ def _clean_path(path: str) -> str:
 
 
 def _layer_key(node: fx.Node):
-    """(stack prefix, index, module type) of the outermost indexed module ``node`` ran in."""
-    for path, module_type in (node.meta.get("nn_module_stack") or {}).values():
+    """(stack prefix, index, call) of the outermost indexed module ``node`` ran in.
+
+    ``call`` counts the calls of that module in the graph: Dynamo keys a module's second call
+    ``<id>@1`` (a looped or weight-shared block, as Dory's recurrent layers): each call is a
+    layer of its own, or one region would span the layers called in between."""
+    for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
         match = _INDEXED.match(_clean_path(path))
         if match:
-            return match["prefix"], int(match["index"]), module_type
+            call = int(key.rsplit("@", 1)[1]) if "@" in str(key) and str(key).rsplit("@", 1)[1].isdigit() else 0
+            return match["prefix"], int(match["index"]), call
     return None
+
+
+def _layer_path(prefix: str, index: int, call: int) -> str:
+    return f"{prefix}.{index}" if call == 0 else f"{prefix}.{index}@{call}"
 
 
 def is_size_arithmetic(node: fx.Node, memo: dict) -> bool:
@@ -65,18 +74,28 @@ def is_size_arithmetic(node: fx.Node, memo: dict) -> bool:
     return memo[node]
 
 
+def _positions_from_sizes(node: fx.Node, memo: dict) -> bool:
+    """``torch.arange(hidden_states.shape[1])`` inside a layer (Llama 4's attention temperature):
+    made from sizes alone, it is left outside the layer and enters it as an input, so that each
+    chunk gets its own positions, as it gets its rows of ``position_ids``."""
+    return (node.op == "call_function" and getattr(node.target, "__name__", "") == "arange"
+            and all(is_size_arithmetic(a, memo) for a in node.all_input_nodes))
+
+
 def find_layer_regions(gm: fx.GraphModule) -> list[LayerRegion]:
     groups: dict[tuple, dict[int, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
     scalars: dict = {}
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module") or is_size_arithmetic(node, scalars):
             continue
+        if _positions_from_sizes(node, scalars):  # an input of the layer, narrowed per chunk like position_ids
+            continue
         key = _layer_key(node)
         if key is not None:
-            prefix, index, _ = key
+            prefix, index, call = key
             # One ModuleList is one stack, whatever the classes of its blocks (Jamba alternates
             # attention and Mamba layers, Qwen3-Next linear and full attention).
-            groups[prefix][index].append(node)
+            groups[prefix][index, call].append(node)
     # A one-layer model has a ModuleList of one block: single blocks count only when nothing
     # repeats. A wrong pick is safe: the block's own analysis refuses what is not a causal layer.
     stacks = [(key, layers) for key, layers in groups.items() if len(layers) >= 2] or list(groups.items())
@@ -84,7 +103,10 @@ def find_layer_regions(gm: fx.GraphModule) -> list[LayerRegion]:
         raise CannotChunk(Reason.NO_REPEATED_LAYERS, "no ModuleList of decoder blocks")
     # The decoder stack is the repeated block with the most ops in total.
     prefix, layers = max(stacks, key=lambda item: sum(len(n) for n in item[1].values()))
-    return [region_of(f"{prefix}.{index}", layers[index]) for index in sorted(layers)]
+    # In the order the graph runs them (a looped block's calls interleave with the others').
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    keys = sorted(layers, key=lambda k: order[layers[k][0]])
+    return [region_of(_layer_path(prefix, *key), layers[key]) for key in keys]
 
 
 def region_of(path: str, nodes: list[fx.Node]) -> LayerRegion:

@@ -114,7 +114,8 @@ def same_axis(a, b) -> bool:
 POINTWISE = frozenset(
     """add sub mul truediv div floordiv mod neg pos pow rsqrt sqrt exp exp2 log log2 log1p expm1
     tanh sigmoid logsigmoid silu gelu relu relu6 leaky_relu elu selu celu mish softplus hardswish hardsigmoid
-    sin cos erf abs sign reciprocal square clamp clamp_min clamp_max clip maximum minimum
+    sin cos tan asin acos atan atan2 sinh cosh asinh acosh atanh erf erfc abs sign sgn reciprocal square
+    floor ceil round trunc frac nan_to_num logit hypot fmod remainder xlogy copysign clamp clamp_min clamp_max clip maximum minimum
     to float double half bfloat16 long int short bool byte char type_as type contiguous clone
     detach where masked_fill
     and_ or_ xor invert logical_and logical_or logical_not logical_xor bitwise_and bitwise_or
@@ -920,13 +921,21 @@ class SeqDimAnalysis:
         return tuple(labels)
 
     def _rule_repeat(self, node):
+        """Tiling a dim ``r`` times puts the whole axis ``r`` times one after the other: token-wise,
+        with the axis's outer size times ``r`` (Llama 4's experts: ``x.repeat(num_experts, 1)``
+        on ``[B*T, d]`` tokens, then ``view(num_experts, -1, d)``)."""
         labels = self.of(node.args[0])
         repeats = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-        out = (None,) * (len(repeats) - len(labels)) + tuple(labels)
-        for label, count in zip(out, repeats):
-            if label is not None and count != 1:
-                self._mix(node, label, "repeats")
-        return out
+        out = list((None,) * (len(repeats) - len(labels)) + tuple(labels))
+        for i, (label, count) in enumerate(zip(out, repeats)):
+            if label is None or count == 1:
+                continue
+            if not isinstance(count, int) or isinstance(count, bool):
+                self._mix(node, label, "repeats by a symbolic count")
+            else:
+                outer, inner = layout(label)
+                out[i] = with_layout(label, outer * count, inner)
+        return tuple(out)
 
     def _rule_split(self, node):
         labels = self.of(node.args[0])

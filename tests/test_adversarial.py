@@ -122,13 +122,17 @@ class Decoder(nn.Module):
             return torch.where(k <= q, bias, float("-inf"))
         raise ValueError(kind)
 
-    def forward(self, ids):
+    def forward(self, ids, loops=1):
         x = self.embed(ids)
         mask = self.mask(ids.shape[1])
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(x.dtype)
-        for block in self.blocks:
-            x = block(x, mask)
+        first = None
+        for _ in range(loops):  # loops > 1: the same blocks again, fed their own output (Dory)
+            x = x if first is None else x + first
+            for block in self.blocks:
+                x = block(x, mask)
+            first = x if first is None else first
         return self.head(x)
 
 
@@ -308,3 +312,20 @@ def test_debug_dir_with_long_module_paths(tmp_path):
     assert len(report.layers[0].path) > 255
     written = list((tmp_path / f"graph_{report.graph_id:03d}").iterdir())
     assert any(path.name.endswith(".kv.py") for path in written)
+
+
+def test_blocks_called_several_times_are_one_layer_per_call():
+    """A looped (weight-shared) stack: each call of a block is a layer of its own, chunked, and
+    the shared weights get the sum of every call's gradients."""
+    torch.manual_seed(0)
+    model = Decoder().double()
+    ids = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(1))
+    looped = lambda ids: model(ids, loops=3)  # noqa: E731
+    compiled = torch.compile(looped, backend="streambp", options={"chunk_size": CHUNK})
+    ref_loss, reference = _grads(model, looped, ids)
+    loss, grads = _grads(model, compiled, ids)
+    report = sbp_compiler.last_report()
+    assert [layer.path for layer in report.chunked_layers] == [
+        "blocks.0", "blocks.1", "blocks.0@1", "blocks.1@1", "blocks.0@2", "blocks.1@2"], str(report)
+    assert torch.allclose(loss, ref_loss, rtol=1e-10, atol=0)
+    assert max_relative_error(reference, grads) <= 1e-10
