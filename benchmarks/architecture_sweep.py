@@ -214,6 +214,7 @@ def _grads(model, fn, inputs):
     import torch
 
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same random draws (router jitter) in every backend's step
     out = fn(**inputs)
     loss = out.loss if getattr(out, "loss", None) is not None else out.logits.double().square().mean()
     loss.backward()
@@ -274,6 +275,9 @@ def _eager_model(arch: str):
             model.loss_type = "ForCausalLM"
         try:
             references = [_grads(model, model, _step_inputs(model, t, seed=i)) for i, t in enumerate(LENGTHS)]
+            if not all(torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+                       for loss, grads in references):
+                raise FloatingPointError("eager loss or gradients are not finite at this config")
         except Exception as failure:
             error = error or failure
             continue

@@ -155,8 +155,24 @@ def has_side_effect(node: fx.Node) -> bool:
 
 
 def eliminate_dead_code(graph: fx.Graph) -> bool:
-    """``graph.eliminate_dead_code`` that keeps in-place writes and random draws."""
-    return graph.eliminate_dead_code(is_impure_node=has_side_effect)
+    """``graph.eliminate_dead_code`` that keeps in-place writes and random draws, in the graph
+    and in the subgraphs it calls. torch's own recurses into those (a custom autograd function's
+    backward body) with its default notion of side effects, which drops an unused
+    ``scatter_add_`` there (PhiMoE's router backward): a wrong gradient."""
+    graph.lint()
+    changed = False
+    for node in reversed(list(graph.nodes)):
+        if node.op not in ("placeholder", "output") and not node.users and not has_side_effect(node):
+            graph.erase_node(node)
+            changed = True
+    root = graph.owning_module
+    if root is not None:
+        called = {n.target for n in graph.find_nodes(op="get_attr")}
+        for name, child in root.named_children():
+            if name in called and isinstance(child, fx.GraphModule) and eliminate_dead_code(child.graph):
+                child.recompile()
+                changed = True
+    return changed
 
 
 def fake_mode_of(graph: fx.Graph):

@@ -329,3 +329,39 @@ def test_blocks_called_several_times_are_one_layer_per_call():
         "blocks.0", "blocks.1", "blocks.0@1", "blocks.1@1", "blocks.0@2", "blocks.1@2"], str(report)
     assert torch.allclose(loss, ref_loss, rtol=1e-10, atol=0)
     assert max_relative_error(reference, grads) <= 1e-10
+
+
+class _DoubledGradient(torch.autograd.Function):
+    """y = x, with a backward that writes its result in place and returns the written tensor:
+    the in-place op's own value is unused (as PhiMoE's router backward's ``scatter_add_``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        result = torch.zeros_like(grad)
+        result.add_(grad * 2)
+        return result
+
+
+class _CustomBackwardDecoder(Decoder):
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(_DoubledGradient.apply(x), None)
+        return self.head(x)
+
+
+def test_in_place_writes_in_a_custom_backward_are_kept():
+    """Dead-code elimination must keep writes inside the subgraphs a graph calls (a custom
+    autograd function's backward body), whether or not the layers around them chunk."""
+    torch.manual_seed(0)
+    model = _CustomBackwardDecoder().double()
+    ids = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": CHUNK})
+    ref_loss, reference = _grads(model, model, ids)
+    loss, grads = _grads(model, compiled, ids)
+    assert torch.allclose(loss, ref_loss, rtol=1e-10, atol=0)
+    assert max_relative_error(reference, grads) <= 1e-10
