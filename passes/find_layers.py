@@ -50,8 +50,8 @@ def _layer_key(node: fx.Node):
     for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
         match = _INDEXED.match(_clean_path(path))
         if match:
-            call = int(key.rsplit("@", 1)[1]) if "@" in str(key) and str(key).rsplit("@", 1)[1].isdigit() else 0
-            return match["prefix"], int(match["index"]), call
+            call = str(key).partition("@")[2]
+            return match["prefix"], int(match["index"]), int(call) if call.isdigit() else 0
     return None
 
 
@@ -83,7 +83,7 @@ def _positions_from_sizes(node: fx.Node, memo: dict) -> bool:
 
 
 def find_layer_regions(gm: fx.GraphModule) -> list[LayerRegion]:
-    groups: dict[tuple, dict[int, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[str, dict[tuple[int, int], list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
     scalars: dict = {}
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module") or is_size_arithmetic(node, scalars):
