@@ -20,7 +20,7 @@ from .errors import CannotChunk, Reason
 from .find_layers import placeholders_for
 from .fx_utils import ancestors, refuse_side_effects
 from .rescale import rescale_shape_arguments
-from .seq_dims import SeqDimAnalysis, UNKNOWN, is_plain, op_name, shape_of, size_hint
+from .seq_dims import SeqDimAnalysis, UNKNOWN, example, is_plain, op_name, shape_of, size_hint
 
 Q, K = frozenset({"Q"}), frozenset({"K"})
 # Ops whose value at a position depends on the positions before it only.
@@ -36,6 +36,12 @@ class MaskBuilder:
 
 
 def build_mask_builder(mask: fx.Node, outer_labels: dict, is_seq_sized, mutated=frozenset(), seq_length=None) -> MaskBuilder:
+    value = example(mask)
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        # The builder runs without autograd: a learned bias (trained ALiBi slopes) would get no
+        # gradient at all.
+        raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{mask.name} is computed from trained parameters "
+                          "(a learned score bias): a mask rebuilt per chunk would pass them no gradient")
     seen = ancestors(mask)
     cone = [n for n in mask.graph.nodes if n in seen]
     inputs = [n for n in cone if n.op == "placeholder"]

@@ -92,6 +92,8 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(VOCAB, WIDTH)
         self.blocks = nn.ModuleList([Block(variant) for _ in range(2)])
         self.head = nn.Linear(WIDTH, VOCAB)
+        if mask == "learned bias":
+            self.slopes = nn.Parameter(torch.tensor([0.3, -0.2]))
 
     def mask(self, t):
         q = torch.arange(t)[:, None]
@@ -119,6 +121,9 @@ class Decoder(nn.Module):
         if kind == "bias normalised by the largest key":
             position = torch.arange(t, dtype=torch.float32)
             bias = (position / position.max())[None, :]
+            return torch.where(k <= q, bias, float("-inf"))
+        if kind == "learned bias":  # trained ALiBi slopes, one per head
+            bias = self.slopes[:, None, None] * (k - q).to(self.slopes.dtype)
             return torch.where(k <= q, bias, float("-inf"))
         raise ValueError(kind)
 
@@ -238,6 +243,14 @@ def test_mask_values_computed_over_all_keys_are_refused(mask):
     report = check(mask=mask)
     assert report.layers and not report.chunked_layers, str(report)
     assert {layer.reason for layer in report.layers} <= {Reason.MASK_UNSUPPORTED, Reason.SEQUENCE_MIXING}, str(report)
+
+
+def test_a_mask_made_from_trained_parameters_is_refused():
+    """Masks are rebuilt per chunk without autograd: a learned bias would get no gradient."""
+    report = check(mask="learned bias")
+    assert report.layers and not report.chunked_layers, str(report)
+    assert {layer.reason for layer in report.layers} == {Reason.MASK_UNSUPPORTED}, str(report)
+    assert "trained parameters" in report.layers[0].detail
 
 
 def test_mask_polarity_follows_its_use():
