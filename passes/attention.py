@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import torch
 import torch.fx as fx
 
 from .errors import CannotChunk, Reason
 from .fx_utils import ancestors
-from .seq_dims import op_name, shape_of, size_hint as size_hint_of
+from .seq_dims import example, op_name, shape_of, size_hint as size_hint_of
 
 # Ops allowed between the score matmul and the softmax, and between softmax and the value matmul.
 _SCORE_CHAIN = {"mul", "truediv", "div", "add", "sub", "to", "float", "type", "type_as", "tanh", "where", "masked_fill",
@@ -64,6 +65,23 @@ def is_repeat_kv(operand: fx.Node, source: fx.Node) -> bool:
         and src[0] == out[0] and src[2:] == out[2:]
         and size_hint_of(out[1]) % size_hint_of(src[1]) == 0
     )
+
+
+def _key_before_transpose(scores: fx.Node, key_operand: fx.Node) -> fx.Node:
+    """The key ``(.., T, head_dim)`` of ``scores = q @ key_operand``. A key that enters in
+    another form (GPT-1's ``k.permute(0, 2, 3, 1)``) gets a transpose of its own inserted,
+    ``key_operand.transpose(-2, -1)``, which the score matmul then reads transposed back."""
+    if op_name(key_operand) == "transpose":
+        return _strip_transpose(key_operand)
+    graph = scores.graph
+    with graph.inserting_before(scores):
+        key = graph.call_method("transpose", (key_operand, -2, -1))
+        operand = graph.call_method("transpose", (key, -2, -1))
+    value = example(key_operand)
+    key.meta = dict(key_operand.meta, example_value=value.transpose(-2, -1))
+    operand.meta = dict(key_operand.meta, example_value=value)
+    scores.replace_input_with(key_operand, operand)
+    return key
 
 
 def _strip_transpose(node: fx.Node) -> fx.Node:
@@ -157,7 +175,7 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
     extra: list[fx.Node] = []
     masks, mask_user, sinks = [], None, []
     node = softmax.args[0]
-    while op_name(node) in _SCORE_CHAIN:
+    while op_name(node) in _SCORE_CHAIN or _clamps_from_below(node):
         chain.append(node)
         if op_name(node) in ("cat", "concat", "concatenate"):
             pieces = node.args[0]
@@ -226,7 +244,7 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
         kind="eager" + (" with sinks" if sinks else ""),
         node=out,
         query=query_operand,
-        key=_before_replication(_strip_transpose(key_operand)),
+        key=_before_replication(_key_before_transpose(scores, key_operand)),
         value=_before_replication(out.args[1]),
         masks=masks,
         mask_user=mask_user,
@@ -234,6 +252,15 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
         mixing_nodes=frozenset(chain + extra),
         dropout_p=0.0,
     )
+
+
+def _clamps_from_below(node: fx.Node) -> bool:
+    """``torch.max(scores, torch.full((), finfo.min))`` (XGLM): an elementwise maximum with a
+    constant, not a reduction over the keys."""
+    if op_name(node) not in ("max", "maximum") or len(node.args) != 2 or node.kwargs:
+        return False
+    other = node.args[1]
+    return isinstance(other, fx.Node) and isinstance(example(other), torch.Tensor) and not _made_of_inputs(other)
 
 
 def _mask_use(user: fx.Node, mask: fx.Node, scores: list) -> str:

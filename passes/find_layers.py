@@ -82,14 +82,37 @@ def _positions_from_sizes(node: fx.Node, memo: dict) -> bool:
             and all(is_size_arithmetic(a, memo) for a in node.all_input_nodes))
 
 
+def _rows_of_a_table(node: fx.Node, memo: dict) -> bool:
+    """``self.bias[:, :, k - q:k, :k]`` (GPT-Neo's causal table) or ``alibi[:, :, -k:]`` (MPT's
+    bias over the longest sequence) inside a layer: slices by sizes alone of a value made before
+    the layers (a buffer, a table of positions) that needs no gradient are left outside the
+    layer and enter it as an input, so that a mask or bias made from them is rebuilt per chunk
+    like any mask built before the layers, and a table of positions is narrowed like
+    ``position_ids``."""
+    if not (node.op == "call_function" and getattr(node.target, "__name__", "") == "getitem" and len(node.args) == 2):
+        return False
+    base, index = node.args
+    value = base.meta.get("example_value", base.meta.get("val")) if isinstance(base, fx.Node) else None
+    if not (isinstance(value, torch.Tensor) and not value.requires_grad
+            and (base.op == "placeholder" or _layer_key(base) is None and base.op in ("call_function", "call_method"))):
+        return False
+    items = index if isinstance(index, tuple) else (index,)
+
+    def plain(bound):
+        return bound is None or isinstance(bound, int) or isinstance(bound, fx.Node) and is_size_arithmetic(bound, memo)
+
+    return all(item is None or item is Ellipsis or isinstance(item, slice) and plain(item.start) and plain(item.stop)
+               and item.step in (None, 1) for item in items)
+
+
 def find_layer_regions(gm: fx.GraphModule) -> list[LayerRegion]:
     groups: dict[str, dict[tuple[int, int], list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
     scalars: dict = {}
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module") or is_size_arithmetic(node, scalars):
             continue
-        if _positions_from_sizes(node, scalars):  # an input of the layer, narrowed per chunk like position_ids
-            continue
+        if _positions_from_sizes(node, scalars) or _rows_of_a_table(node, scalars):
+            continue  # an input of the layer, narrowed per chunk like position_ids, or a mask
         key = _layer_key(node)
         if key is not None:
             prefix, index, call = key

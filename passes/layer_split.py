@@ -76,6 +76,13 @@ _MASK_PASSING = frozenset("to float double half bfloat16 bool int long type_as c
 _MASK_FLIPPING = frozenset("invert logical_not bitwise_not".split())
 
 
+def _literal_tensor(node: fx.Node):
+    """The value of ``torch.tensor(<bool or int literal>)``, else None."""
+    if op_name(node) == "tensor" and len(node.args) == 1 and isinstance(node.args[0], (bool, int)):
+        return node.args[0]
+    return None
+
+
 def _mask_roots(masks: list, candidates: set) -> list:
     """(layer input, how its values say a key is visible) for every mask operand: the input
     itself, or the input it is computed from inside the layer through casts, views, slices and
@@ -91,6 +98,9 @@ def _mask_roots(masks: list, candidates: set) -> list:
         while node not in candidates:
             name = op_name(node)
             tensors = [a for a in node.all_input_nodes if isinstance(example(a), torch.Tensor)]
+            literals = {a: _literal_tensor(a) for a in tensors}
+            if name in ("eq", "ne") and len(tensors) == 2 and any(v is not None for v in literals.values()):
+                tensors = [a for a in tensors if literals[a] is None]  # ``mask == torch.tensor(False)`` (CPM-Ant)
             if len(tensors) != 1 or node.op == "placeholder":
                 raise CannotChunk(Reason.MASK_UNSUPPORTED,
                                   f"mask operand {mask.name} is computed inside the layer by {node.name} ({name})")
@@ -98,7 +108,8 @@ def _mask_roots(masks: list, candidates: set) -> list:
                 flipped = not flipped
             elif name in ("eq", "ne"):
                 other = node.args[1] if node.args[0] is tensors[0] else node.args[0]
-                if other not in (0, 1, True, False):
+                other = literals.get(other, other) if isinstance(other, fx.Node) else other
+                if isinstance(other, fx.Node) or other not in (0, 1, True, False):
                     raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{node.name}: a mask compared with {other!r}")
                 flipped ^= (name == "eq") == (other in (0, False))
                 compared = True

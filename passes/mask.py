@@ -69,20 +69,22 @@ def build_mask_builder(mask: fx.Node, outer_labels: dict, is_seq_sized, mutated=
     env = placeholders_for(graph, inputs)
     full_len, q_start, q_len, kv_len = (graph.placeholder(n) for n in ("full_len", "q_start", "q_len", "kv_len"))
     chunk_labels = {}
-    by_name = {n.name: n for n in cone}
     for node in cone:
         if node.op != "placeholder":
             env[node] = graph.node_copy(node, lambda n: env[n])
+        node_chunk_labels = [None] * len(labels[node]) if isinstance(labels[node], tuple) else []
         for sources, axis in ((query_sources, Q), (key_sources, K)):
-            if node.name in sources:
-                source_labels = labels[by_name[node.name]]
-                dim = source_labels.index(frozenset({node.name}))
-                if not is_plain(source_labels[dim]) or size_hint(shape_of(node)[dim]) != seq_length:
+            # A source is a node, or one dim of it (``bias#2``, ``bias#3``: the rows of a table
+            # give both the query and the key axis).
+            for source in sorted(s for s in sources if s.partition("#")[0] == node.name):
+                dim = labels[node].index(frozenset({source}))
+                if not is_plain(labels[node][dim]) or size_hint(shape_of(node)[dim]) != seq_length:
                     raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{node.name}: a mask source merged with other dims")
                 start, length = (q_start, q_len) if axis is Q else (0, kv_len)
                 narrowed = graph.call_function(torch.narrow, (env[node], dim, start, length))
                 narrowed.meta = dict(node.meta)
-                chunk_labels[narrowed] = tuple(axis if i == dim else None for i in range(len(source_labels)))
+                node_chunk_labels[dim] = axis
+                chunk_labels[narrowed] = tuple(node_chunk_labels)
                 env[node] = narrowed
     graph.output(env[mask])
     builder = fx.GraphModule(mask.graph.owning_module, graph)

@@ -131,6 +131,8 @@ CREATION = frozenset("arange ones zeros full empty rand randn new_ones new_zeros
 CONSTANT_CREATION = frozenset("zeros ones full new_zeros new_ones new_full".split())
 # Ops that can grow a size-1 dim to the sequence's length (a mask's ``.expand(t, t)``).
 BROADCASTS = frozenset("expand expand_as broadcast_to".split())
+# Ops that take rows of a table (a buffer of positions, larger than the sequence).
+TABLE_SLICES = frozenset("getitem narrow slice".split())
 NON_TENSOR = frozenset("size dim item numel Size _sym_sqrt sym_sqrt sym_int sym_float sym_max sym_min".split())
 
 
@@ -339,19 +341,32 @@ class SeqDimAnalysis:
         if shape is None or not isinstance(labels, tuple):
             return labels
         fresh = list(labels)
-        for i, size in enumerate(shape):
+        created = [i for i, size in enumerate(shape) if fresh[i] is None and self.is_seq_sized(size)]
+        for i in created:
+            size = shape[i]
             if fresh[i] is None and self.is_seq_sized(size):
-                # A sequence axis starts here: at a creation (``arange(T)``), or, where sizes are
-                # symbolic and so exact, at any op (padding two batches to one length).
+                # A sequence axis starts here: at a creation (``arange(T)``), at rows of a table
+                # (GPT-Neo's ``bias[:, :, :T, :T]``), or, where sizes are symbolic and so exact,
+                # at any op (padding two batches to one length). Each created dim is a source of
+                # its own (``name#dim`` where there are several): a mask's query and key axes.
                 if self.source_mode and (op_name(node) in CREATION or op_name(node) in BROADCASTS
-                                         or isinstance(size, torch.SymInt)):
-                    fresh[i] = frozenset({node.name})
+                                         or self._takes_rows_of_a_table(node, i) or isinstance(size, torch.SymInt)):
+                    fresh[i] = frozenset({node.name if len(created) == 1 else f"{node.name}#{i}"})
                 elif self.refuse_unexplained:
                     raise CannotChunk(
                         Reason.UNKNOWN_OP,
                         f"{node.name} ({op_name(node)}) creates a sequence-sized dim {i} not derived from the input",
                     )
         return tuple(fresh)
+
+    @staticmethod
+    def _takes_rows_of_a_table(node, dim) -> bool:
+        """``table[..., :T, ...]``: a slice that shrinks ``dim`` of a longer tensor to the sequence."""
+        if op_name(node) not in TABLE_SLICES or not node.args or not isinstance(node.args[0], fx.Node):
+            return False
+        base, out = example(node.args[0]), example(node)
+        return (isinstance(base, torch.Tensor) and isinstance(out, torch.Tensor) and base.dim() == out.dim()
+                and size_hint(base.shape[dim]) > size_hint(out.shape[dim]))
 
     def _broadcast(self, node, args):
         out_shape = shape_of(node)

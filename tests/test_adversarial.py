@@ -19,6 +19,10 @@ def _attention(block, h, mask=None):
     if block.variant == "masked_fill hides where the mask is True":
         scores = (q @ k.transpose(-1, -2)) / (d // HEADS) ** 0.5
         return scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
+    if block.variant == "key permuted, mask compared with a tensor":  # GPT-1's keys, CPM-Ant's mask
+        key = k.transpose(-1, -2).contiguous().permute(0, 1, 2, 3)  # [b, heads, head_dim, t], no transpose
+        scores = (q @ key) / (d // HEADS) ** 0.5
+        return scores.masked_fill(mask == torch.tensor(False), float("-inf")).softmax(-1) @ v
     if mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
@@ -243,6 +247,11 @@ def test_mask_values_computed_over_all_keys_are_refused(mask):
     report = check(mask=mask)
     assert report.layers and not report.chunked_layers, str(report)
     assert {layer.reason for layer in report.layers} <= {Reason.MASK_UNSUPPORTED, Reason.SEQUENCE_MIXING}, str(report)
+
+
+def test_keys_in_other_layouts_and_masks_compared_with_tensors_are_chunked():
+    report = check("key permuted, mask compared with a tensor", mask="bool causal")
+    assert len(report.chunked_layers) == 2, str(report)
 
 
 def test_a_mask_made_from_trained_parameters_is_refused():

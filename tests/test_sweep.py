@@ -18,6 +18,9 @@ FAMILIES = {
     "deepseek_v3": "latent attention (MLA) and group-routed experts with a dense first layer",
     "gpt_oss": "attention sinks, experts with biases, sliding/full layers",
     "lfm2_moe": "hybrid: a short convolution mixer and attention layers",
+    "gpt_neo": "causal and local-window masks sliced from a buffer inside the layer",
+    "mpt": "an ALiBi bias sliced inside the layer from a table over the longest sequence",
+    "xglm": "scores clamped from below by an elementwise torch.max",
 }
 
 
