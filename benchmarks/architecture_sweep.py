@@ -329,6 +329,7 @@ def check_architecture(arch: str, memory_length: int = 0, always_aot: bool = Tru
     aot, aot_error = run_aot_eager() if always_aot else (None, None)
 
     before = len(sbp_compiler.reports())
+    torch._dynamo.utils.counters.clear()
     try:
         ours, first_step = run("streambp", {"chunk_size": CHUNK})
     except Exception as error:
@@ -352,6 +353,11 @@ def check_architecture(arch: str, memory_length: int = 0, always_aot: bool = Tru
     row["chunked_layers"] = sum(l.chunked for l in layers)
     row["head_chunked"] = bool(last and last.head.chunked)
     reasons = {}
+    # Graph breaks (a data-dependent op: ``.item()``, ``nonzero``) split the model into graphs
+    # of their own, and its layers with them: say so first, with Dynamo's reason.
+    breaks = sorted(torch._dynamo.utils.counters["graph_break"])
+    if breaks and not (row["layers"] and row["chunked_layers"] == row["layers"]):
+        reasons["graph breaks"] = f"{len(graph_reports)} graphs; Dynamo: " + "; ".join(b[:150] for b in breaks[:2])
     if last and last.fallback:
         reasons[last.fallback.value] = last.fallback_detail
     for layer in layers:

@@ -123,7 +123,9 @@ def find_layer_regions(gm: fx.GraphModule) -> list[LayerRegion]:
     # repeats. A wrong pick is safe: the block's own analysis refuses what is not a causal layer.
     stacks = [(key, layers) for key, layers in groups.items() if len(layers) >= 2] or list(groups.items())
     if not stacks:
-        raise CannotChunk(Reason.NO_REPEATED_LAYERS, "no ModuleList of decoder blocks")
+        raise CannotChunk(Reason.NO_REPEATED_LAYERS, "no ModuleList of decoder blocks in this graph (where Dynamo "
+                          "splits a model at graph breaks, each piece is a graph of its own: TORCH_LOGS=graph_breaks "
+                          "shows where)")
     # The decoder stack is the repeated block with the most ops in total.
     prefix, layers = max(stacks, key=lambda item: sum(len(n) for n in item[1].values()))
     # In the order the graph runs them (a looped block's calls interleave with the others').
