@@ -383,7 +383,7 @@ def outline_head(context: GraphContext, chunk_size, decision: HeadDecision) -> N
         gradients_in_forward=_gradients_in_forward(region),
     )
     _probe(plan, region, context)
-    plan_id = register_plan(plan)
+    plan_id = register_plan(plan, context.plans)
     op = torch.ops.streambp.head_with_gradients if plan.gradients_in_forward else torch.ops.streambp.head
     _replace(context.gm, region, op.default, plan_id, tensors, ints)
 

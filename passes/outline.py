@@ -81,6 +81,7 @@ class GraphContext:
     mutated: frozenset = frozenset()  # values an in-place write left in the graph touches
     autocast: AutocastState = AutocastState(())  # the state the graph was traced with
     last_layer_output: Optional[fx.Node] = None  # the node now standing for it
+    plans: list = dataclasses.field(default_factory=list)  # every plan made for this graph: its compiled code keeps them
 
 
 def _several_outputs(outputs: list[fx.Node]) -> str:
@@ -231,11 +232,13 @@ def outline_layers(
     wrap_subgraph: Callable[[str, fx.GraphModule], Callable],
     mutated: frozenset = frozenset(),
     autocast: AutocastState = AutocastState(()),
+    plans: Optional[list] = None,
 ) -> "GraphContext":
     """Rewrite ``gm`` in place; ``wrap_subgraph(name, gm)`` turns each new subgraph into a callable.
     Every layer's decision is appended to ``report``. Returns what the head pass needs to know
     about the graph, ``last_layer_output`` included. ``mutated``: values an in-place write that
     stayed in the graph touches (``passes/functionalize``); a layer reading one is refused.
+    ``plans``: where every plan made is kept (see ``runtime.register_plan``).
 
     ``chunk_size``: an int, or "auto" (resolved from the hidden size, see ``auto_chunk_size``).
     """
@@ -265,6 +268,7 @@ def outline_layers(
         wrap_subgraph=wrap_subgraph,
         mutated=frozenset(mutated),
         autocast=autocast,
+        plans=plans if plans is not None else [],
     )
 
     for region in regions:
@@ -407,7 +411,7 @@ def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDeci
         chunk_size=context.chunk_size,
     )
     _probe(plan, region, layer_gm, [built.inputs for built, _ in builders], split, arguments, context)
-    plan_id = register_plan(plan)
+    plan_id = register_plan(plan, context.plans)
 
     graph = gm.graph
     with graph.inserting_before(output):

@@ -60,15 +60,39 @@ class _Dumper:
                 f.write(text + "\n")
 
 
-def _inner_compile(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, example_inputs):
+# Plans of compiled code that cannot hold attributes: kept for the process's life.
+_UNOWNED_PLANS: list = []
+
+
+def _owned(compiled, plans: list):
+    """``compiled`` holding ``plans``: the chunked ops' plans live as long as the code that calls
+    them (Dynamo drops it on recompilation or ``torch._dynamo.reset()``). Dynamo keeps the
+    innermost function of a ``torch._dynamo.disable`` chain (Inductor returns one), so every
+    function of the chain holds them."""
+    target, seen = compiled, set()
+    while target is not None and id(target) not in seen:
+        seen.add(id(target))
+        try:
+            target._streambp_plans = plans
+        except AttributeError:
+            _UNOWNED_PLANS.append(plans)
+            break
+        target = getattr(target, "_torchdynamo_orig_callable", None)
+    return compiled
+
+
+def _inner_compile(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, example_inputs, plans: list):
     if config.inner_compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+        return _owned(compile_fx(gm, example_inputs), plans)
 
     def keep(name):
         def compiler(graph: fx.GraphModule, inputs):
             dump(name, graph)
+            # The forward and backward graphs own the plans too: a backward still pending
+            # when Dynamo drops the forward's code can run.
+            graph._streambp_plans = plans
             # Boxed calling convention: the graph clears its argument list, so each saved tensor
             # (a layer's input, the head's gradients) is freed after its last use in backward,
             # not when the whole backward returns.
@@ -76,7 +100,8 @@ def _inner_compile(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, ex
 
         return compiler
 
-    return aot_autograd(fw_compiler=keep("aot_forward"), bw_compiler=keep("aot_backward"))(gm, example_inputs)
+    compiled = aot_autograd(fw_compiler=keep("aot_forward"), bw_compiler=keep("aot_backward"))(gm, example_inputs)
+    return _owned(compiled, plans)
 
 
 def _subgraph_runner(config: StreamBPConfig, dump: _Dumper, autocast: AutocastState) -> Callable[[str, fx.GraphModule], Callable]:
@@ -106,4 +131,4 @@ def streambp(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None)
     dump("streambp", gm)
     dump.text("report.txt", str(report))
     log.info("%s", report)
-    return _inner_compile(config, dump, gm, example_inputs)
+    return _inner_compile(config, dump, gm, example_inputs, state.plans)

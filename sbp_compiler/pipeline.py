@@ -42,6 +42,7 @@ class PassState:
     autocast: AutocastState
     functionalized: Optional[Functionalized] = None
     graph: Optional[GraphContext] = None  # set by the layer pass, read by the head pass
+    plans: list = dataclasses.field(default_factory=list)  # the plans of the chunked ops: owned by the compiled graph
 
 
 def functionalize_pass(gm: fx.GraphModule, state: PassState) -> None:
@@ -58,7 +59,8 @@ def layers_pass(gm: fx.GraphModule, state: PassState) -> None:
     mutated = state.functionalized.mutated if state.functionalized else set()
     try:
         state.graph = outline_layers(gm, state.example_inputs, state.config.chunk_size, state.report,
-                                     state.wrap_subgraph, mutated=mutated, autocast=state.autocast)
+                                     state.wrap_subgraph, mutated=mutated, autocast=state.autocast,
+                                     plans=state.plans)
     except CannotChunk as refusal:
         state.report.fallback, state.report.fallback_detail = refusal.reason, refusal.detail
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import weakref
 import logging
 from typing import Callable, Optional, Sequence
 
@@ -137,11 +138,17 @@ def _with_length(shape, dim, length):
 
 
 KV_CHUNK_TOKENS = 1024
-PLANS: dict[int, LayerPlan] = {}
+# Plan id -> plan, weakly: a plan lives as long as the compiled graph that owns it (``owner``
+# in ``register_plan``) and goes with it; a long training script that recompiles does not keep
+# every plan it ever made.
+PLANS: "weakref.WeakValueDictionary[int, LayerPlan]" = weakref.WeakValueDictionary()
 _plan_ids = itertools.count()
 
 
-def register_plan(plan: LayerPlan) -> int:
+def register_plan(plan, owner: list) -> int:
+    """``plan``'s id for the custom ops; ``owner`` (the plans of one compiled graph, kept by
+    what runs it) holds the plan alive."""
+    owner.append(plan)
     plan_id = next(_plan_ids)
     PLANS[plan_id] = plan
     return plan_id

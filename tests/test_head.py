@@ -206,7 +206,7 @@ def test_gradients_from_forward_are_scaled_or_recomputed_exactly():
         output_dtypes=[torch.float64], symbol_sources={}, seq_input=0, chunk_size=4,
         token_bytes_in=64, token_bytes_widest=160, gradients_in_forward=[0, 1],
     )
-    plan_id = register_plan(plan)
+    plan_id = register_plan(plan, owner=[])
     output, forward_grads = head_forward_with_gradients(plan, [hidden, weight], [])
 
     leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]

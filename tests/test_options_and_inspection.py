@@ -109,3 +109,26 @@ def test_inductor_inner_compiler():
     assert sbp_compiler.last_report().head.chunked
     # Dynamo compiled the chunk subgraphs, not only the user's graph.
     assert counters["stats"]["unique_graphs"] - graphs_before > 2
+
+
+def test_plans_are_freed_with_their_compiled_graph():
+    """The chunked ops' plans live as long as the compiled code: a pending backward still runs
+    after Dynamo drops that code, and then nothing of the compile stays behind."""
+    import gc
+
+    from sbp_compiler.runtime import PLANS
+
+    model = build_model("llama")
+    inputs = batch(13, pad=3)
+    before = set(PLANS)
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4})
+    loss = compiled(**inputs).loss
+    assert len(set(PLANS) - before) == 3  # two layers and the head
+    torch._dynamo.reset()
+    del compiled
+    gc.collect()
+    loss.backward()  # the autograd graph keeps the plans of its pending backward
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    del loss
+    gc.collect()
+    assert set(PLANS) - before == set()
