@@ -347,8 +347,10 @@ def check_architecture(arch: str, memory_length: int = 0, always_aot: bool = Tru
     row["aot_eager_error"] = aot_error
     if aot is not None and aot_error > tolerance:
         row["error_vs_aot_eager"] = max(gradient_error(a[1], o[1]) for a, o in zip(aot, ours))
-    last = graph_reports[-1] if graph_reports else None
-    layers = [l for report in graph_reports[-1:] for l in report.layers]
+    # The last step's graph with the layers (after a graph break, the last graph may hold none).
+    with_layers = [r for r in graph_reports if r.layers or r.fallback and r.fallback.name != "NO_REPEATED_LAYERS"]
+    last = (with_layers or graph_reports or [None])[-1]
+    layers = list(last.layers) if last else []
     row["graphs"] = len(graph_reports)
     row["layers"] = len(layers)
     row["chunked_layers"] = sum(l.chunked for l in layers)
