@@ -28,6 +28,7 @@ from .fx_utils import eliminate_dead_code, refuse_side_effects
 from .layer_split import LayerSplit, split_layer
 from .mask import build_mask_builder
 from .op_arguments import OpArguments
+from .random_draws import replay_random_draws
 from .probe import differs, fabricate, probe_generator, scale_floor
 from .seq_dims import SeqDimAnalysis, UNKNOWN, example, is_plain, layout, seq_sized_predicate, size_hint, with_layout
 
@@ -81,6 +82,7 @@ class GraphContext:
     mutated: frozenset = frozenset()  # values an in-place write left in the graph touches
     autocast: AutocastState = AutocastState(())  # the state the graph was traced with
     last_layer_output: Optional[fx.Node] = None  # the node now standing for it
+    length: object = None  # the sequence length as the graph has it: an int, or a SymInt when dynamic
     plans: list = dataclasses.field(default_factory=list)  # every plan made for this graph: its compiled code keeps them
 
 
@@ -263,6 +265,7 @@ def outline_layers(
         is_seq_sized=is_seq_sized,
         dynamic=dynamic,
         full_length=size_hint(seq_len),
+        length=seq_len,
         chunk_size=chunk_size,
         real_inputs=dict(zip(placeholders, example_inputs)),
         wrap_subgraph=wrap_subgraph,
@@ -359,6 +362,7 @@ def _check_plain_input(node: fx.Node, node_labels, context: GraphContext) -> Non
 def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDecision) -> fx.Node:
     gm, labels, wrap_subgraph = context.gm, context.labels, context.wrap_subgraph
     region = _localize_scalars(context.gm, region)
+    region = replay_random_draws(context.gm, region, labels, context.length, context.is_seq_sized)
     refuse_side_effects(region.nodes, region.inputs, context.mutated, allow_dropout=True)
     if len(region.outputs) != 1:
         raise CannotChunk(Reason.LAYER_OUTPUTS, _several_outputs(region.outputs))

@@ -120,7 +120,7 @@ POINTWISE = frozenset(
     detach where masked_fill
     and_ or_ xor invert logical_and logical_or logical_not logical_xor bitwise_and bitwise_or
     bitwise_not le lt ge gt eq ne iadd isub imul itruediv add_ sub_ mul_ div_ dropout
-    _to_copy lerp addcmul addcdiv fill_ zero_ polar real imag conj angle complex wrapped_sqrt""".split()
+    _to_copy lerp addcmul addcdiv fill_ zero_ exponential_ uniform_ normal_ cauchy_ log_normal_ geometric_ polar real imag conj angle complex wrapped_sqrt""".split()
 )
 REDUCTIONS = frozenset("mean sum amax amin var std norm logsumexp prod all any argmax argmin".split())
 # Same-shape ops that mix positions along one dim.
@@ -602,7 +602,9 @@ class SeqDimAnalysis:
             self._mix(node, self.of(operand)[dim], "scatters")
         return self._aligned_merge(node, operands, dim)
 
-    _rule_scatter_add = _rule_scatter_reduce = _rule_scatter
+    # In place (inside a custom autograd function's backward: PhiMoE's router), labelled alike;
+    # whether a write in place may be chunked is decided apart (``fx_utils.refuse_side_effects``).
+    _rule_scatter_add = _rule_scatter_reduce = _rule_scatter_ = _rule_scatter_add_ = _rule_scatter
 
     def _rule_index_add(self, node):
         x, source = node.args[0], self._arg(node, 3, "source")
@@ -611,7 +613,7 @@ class SeqDimAnalysis:
         self._mix(node, self.of(source)[dim], "adds at indices")
         return self._aligned_merge(node, [x, source], dim)
 
-    _rule_index_copy = _rule_index_fill = _rule_index_add
+    _rule_index_copy = _rule_index_fill = _rule_index_add_ = _rule_index_add
 
     def _rule_slice_scatter(self, node):
         """``slice_scatter(x, src, dim, ...)`` (functionalized ``x[..., a:b] = src``): a slice
