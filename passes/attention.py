@@ -319,8 +319,10 @@ def _from_outside(node: fx.Node, layer_inputs: set) -> bool:
     return True
 
 
-def find_attention(gm: fx.GraphModule, mask_candidates: set) -> Attention:
-    """The single attention of a layer subgraph. ``mask_candidates``: placeholders that may be masks."""
+def find_attentions(gm: fx.GraphModule, mask_candidates: set) -> list[Attention]:
+    """The attentions of a layer subgraph, in graph order: one, or several over the same
+    sequence (differential attention: two softmaxes of one query and key, each with its value).
+    ``mask_candidates``: placeholders that may be masks."""
     found = []
     for node in gm.graph.nodes:
         name = op_name(node)
@@ -332,6 +334,4 @@ def find_attention(gm: fx.GraphModule, mask_candidates: set) -> Attention:
                 found.append(attention)
     if not found:
         raise CannotChunk(Reason.NO_ATTENTION)
-    if len(found) > 1:
-        raise CannotChunk(Reason.MULTIPLE_ATTENTION, ", ".join(a.node.name for a in found))
-    return found[0]
+    return found

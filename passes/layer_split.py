@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .attention import Attention, find_attention
+from .attention import Attention, find_attentions
 from .errors import CannotChunk, Reason
 from .find_layers import placeholders_for
 from .fx_utils import ancestors, eliminate_dead_code
@@ -32,7 +32,8 @@ Q, K = "Q", "K"
 class LayerSplit:
     kv_graph: fx.GraphModule
     query_graph: fx.GraphModule
-    attention: Attention
+    attentions: list[Attention]  # one, or several over the same sequence (differential attention)
+    kv_nodes: list[fx.Node]  # what the K/V graph computes, in order: each attention's key and value
     query_slice_dims: list  # per layer input: the dim sliced to the query chunk, or None
     mask_inputs: list  # layer input indices of the masks and score biases, rebuilt per chunk
     mask_visibility: list  # per mask input: how its values say a key is visible (see _mask_roots)
@@ -157,15 +158,23 @@ def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dyna
             raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{node.name}: produced by an op without a rule")
     mask_candidates = {p for p, l in zip(placeholders, input_labels) if isinstance(l, tuple) and "S" in l}
     try:
-        attention = find_attention(layer_gm, mask_candidates)
+        attentions = find_attentions(layer_gm, mask_candidates)
     except CannotChunk as refusal:
         if refusal.reason is Reason.NO_ATTENTION and not refusal.detail:
             raise CannotChunk(Reason.NO_ATTENTION, _sequence_mixer(layer_gm, placeholders, input_labels, seq_length)) from None
         raise
 
     # Masks (.., T, T) and score biases along the keys (ALiBi's (.., 1, T)) are rebuilt per chunk.
+    # Several attentions must be masked alike: the run-time causality check looks at the masks
+    # of a chunk together.
+    roots = [_mask_roots(a.masks, mask_candidates) for a in attentions]
+    named = [sorted((node.name, how) for node, how in r) for r in roots]
+    if any(n != named[0] for n in named[1:]) or len({a.is_causal for a in attentions}) > 1:
+        raise CannotChunk(Reason.MULTIPLE_ATTENTION,
+                          f"{', '.join(a.node.name for a in attentions)} are masked differently")
+    attention = attentions[0]
     mask_inputs, mask_visibility = [], []
-    for mask, visible in _mask_roots(attention.masks, mask_candidates):
+    for mask, visible in roots[0]:
         index = placeholders.index(mask)
         mask_labels = input_labels[index]
         if mask_labels.count("S") == 2 and mask_labels[-2:] != ("S", "S") or mask_labels.count("S") == 1 and mask_labels[-1] != "S":
@@ -182,10 +191,11 @@ def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dyna
         if isinstance(labels, tuple) and labels.count("S") > 1 and i not in mask_inputs:
             raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{p.name} has {labels.count('S')} sequence dims")
 
-    dropout_sources = _dropout_probability_sources(layer_gm, attention, placeholders)
-    kv_graph, kv_seq_dim = _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dynamic, seq_length)
-    query_graph, output_seq_dim, rescaled = _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim,
-                                                         is_seq_sized, dynamic, seq_length, mask_inputs)
+    dropout_sources = sorted({i for a in attentions for i in _dropout_probability_sources(layer_gm, a, placeholders)})
+    kv_nodes = list(dict.fromkeys(n for a in attentions for n in (a.key, a.value)))  # shared ones once
+    kv_graph, kv_seq_dim = _kv_graph(layer_gm, kv_nodes, placeholders, input_labels, is_seq_sized, dynamic, seq_length)
+    query_graph, output_seq_dim, rescaled = _query_graph(layer_gm, attentions, kv_nodes, placeholders, input_labels,
+                                                         kv_seq_dim, is_seq_sized, dynamic, seq_length, mask_inputs)
     query_slice_dims = [
         labels.index("S") if isinstance(labels, tuple) and labels.count("S") == 1 and i not in mask_inputs else None
         for i, labels in enumerate(input_labels)
@@ -193,7 +203,8 @@ def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dyna
     return LayerSplit(
         kv_graph=kv_graph,
         query_graph=query_graph,
-        attention=attention,
+        attentions=attentions,
+        kv_nodes=kv_nodes,
         query_slice_dims=query_slice_dims,
         mask_inputs=mask_inputs,
         mask_visibility=mask_visibility,
@@ -215,11 +226,11 @@ def _initial(placeholders, input_labels, rename):
     return initial
 
 
-def _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dynamic, seq_length):
+def _kv_graph(layer_gm, kv_nodes, placeholders, input_labels, is_seq_sized, dynamic, seq_length):
     graph = fx.Graph()
     env = placeholders_for(graph, placeholders)
     needed = set()
-    stack = [attention.key, attention.value]
+    stack = list(kv_nodes)
     while stack:
         n = stack.pop()
         if n not in needed:
@@ -228,7 +239,7 @@ def _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dyn
     for node in layer_gm.graph.nodes:
         if node in needed and node.op != "placeholder":
             env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output((env[attention.key], env[attention.value]))
+    graph.output(tuple(env[n] for n in kv_nodes))
     new_placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_after(new_placeholders[-1]):
         full_len = graph.placeholder("full_len")
@@ -238,47 +249,55 @@ def _kv_graph(layer_gm, attention, placeholders, input_labels, is_seq_sized, dyn
     analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, refuse_unexplained=dynamic, seq_length=seq_length,
                               creation_label="S")
     labels = analysis.run(list(graph.nodes), _initial(new_placeholders, input_labels, lambda i, l, _: l))
-    key_labels, value_labels = labels[env[attention.key]], labels[env[attention.value]]
-    if key_labels.count("S") != 1 or value_labels.count("S") != 1:
-        raise CannotChunk(Reason.NO_SEQUENCE_DIM, "key/value without exactly one sequence dim")
-    if not all(is_plain(l) for l in key_labels + value_labels):
-        raise CannotChunk(Reason.NO_SEQUENCE_DIM, "key/value sequence dim merged with other dims")
-    kv_seq_dim = key_labels.index("S") - len(key_labels)
-    if value_labels.index("S") - len(value_labels) != kv_seq_dim or kv_seq_dim != -2:
-        raise CannotChunk(Reason.NO_SEQUENCE_DIM, "key/value sequence dim is not dim -2")
+    for node in kv_nodes:
+        kv_labels = labels[env[node]]
+        if not isinstance(kv_labels, tuple) or kv_labels.count("S") != 1:
+            raise CannotChunk(Reason.NO_SEQUENCE_DIM, "key/value without exactly one sequence dim")
+        if not all(is_plain(l) for l in kv_labels):
+            raise CannotChunk(Reason.NO_SEQUENCE_DIM, "key/value sequence dim merged with other dims")
+        if kv_labels.index("S") - len(kv_labels) != -2:
+            raise CannotChunk(Reason.NO_SEQUENCE_DIM, "key/value sequence dim is not dim -2")
+    kv_seq_dim = -2
     # K/V are token-wise too: computed (and backpropagated) chunk by chunk, never whole.
     rescale_shape_arguments(kv_gm, labels, {"S": (full_len, chunk_len)})
     return kv_gm, kv_seq_dim
 
 
-def _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim, is_seq_sized, dynamic, seq_length,
-                 mask_inputs):
+def _query_graph(layer_gm, attentions, kv_nodes, placeholders, input_labels, kv_seq_dim, is_seq_sized, dynamic,
+                 seq_length, mask_inputs):
     graph = fx.Graph()
     env = placeholders_for(graph, placeholders)
-    key_prefix = graph.placeholder("key_prefix")
-    key_prefix.meta = dict(attention.key.meta)
-    value_prefix = graph.placeholder("value_prefix")
-    value_prefix.meta = dict(attention.value.meta)
-    env[attention.key], env[attention.value] = key_prefix, value_prefix
+    prefixes = []
+    keys = {a.key for a in attentions}
+    for i, node in enumerate(kv_nodes):
+        # key_prefix, value_prefix (then key_prefix_1, ... where a layer has several attentions)
+        kind = "key" if node in keys else "value"
+        index = sum(1 for n in kv_nodes[:i] if (n in keys) == (node in keys))
+        prefix = graph.placeholder(f"{kind}_prefix" + (f"_{index}" if index else ""))
+        prefix.meta = dict(node.meta)
+        env[node] = prefix
+        prefixes.append(prefix)
     chunk_mask = None
     if not mask_inputs:
         chunk_mask = graph.placeholder("chunk_mask")
     full_len, q_len, kv_len = (graph.placeholder(name) for name in ("full_len", "q_len", "kv_len"))
+    by_node = {a.node: a for a in attentions}
     for node in layer_gm.graph.nodes:
-        if node.op == "placeholder" or node in (attention.key, attention.value):
+        if node.op == "placeholder" or node in env:
             continue
         if node.op == "output":
             graph.output(env[node.args[0]])
             continue
         copy = graph.node_copy(node, lambda n: env[n])
-        if node is attention.node and chunk_mask is not None:
+        attention = by_node.get(node)
+        if attention is not None and chunk_mask is not None:
             # is_causal=True is upper-left aligned for q_len != kv_len: pass the lower-right mask.
             copy.kwargs = {**copy.kwargs, "attn_mask": chunk_mask, "is_causal": False}
-        if node is attention.node and attention.grouped_query_replication:
+        if attention is not None and attention.grouped_query_replication:
             # sdpa repeats the key/value heads itself: the prefix and its gradient stay at the
             # number of key/value heads instead of a repeated copy per chunk.
             args, kwargs = list(copy.args), dict(copy.kwargs, enable_gqa=True)
-            for position, name, prefix in ((1, "key", key_prefix), (2, "value", value_prefix)):
+            for position, name, prefix in ((1, "key", env[attention.key]), (2, "value", env[attention.value])):
                 if len(args) > position:
                     args[position] = prefix
                 else:
@@ -288,7 +307,7 @@ def _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim, is
     eliminate_dead_code(graph)
     query_gm = fx.GraphModule(layer_gm, graph)
 
-    mixing = {env[n] for n in attention.mixing_nodes if n in env}
+    mixing = {env[n] for a in attentions for n in a.mixing_nodes if n in env}
 
     def rename(i, label, labels, rebuilt):
         if label != "S":
@@ -302,12 +321,10 @@ def _query_graph(layer_gm, attention, placeholders, input_labels, kv_seq_dim, is
     for index, (p, labels) in enumerate(zip(new_placeholders, input_labels)):
         initial[p] = tuple(rename(i, l, labels, index in mask_inputs) for i, l in enumerate(labels)) \
             if isinstance(labels, tuple) else labels
-    kv_labels = [None] * len(shape_of(attention.key))
-    kv_labels[kv_seq_dim] = K
-    initial[key_prefix] = tuple(kv_labels)
-    value_labels = [None] * len(shape_of(attention.value))
-    value_labels[kv_seq_dim] = K
-    initial[value_prefix] = tuple(value_labels)
+    for node, prefix in zip(kv_nodes, prefixes):
+        kv_labels = [None] * len(shape_of(node))
+        kv_labels[kv_seq_dim] = K
+        initial[prefix] = tuple(kv_labels)
     if chunk_mask is not None:
         initial[chunk_mask] = (Q, K)
     analysis = SeqDimAnalysis(

@@ -145,16 +145,17 @@ def _probe(plan: LayerPlan, region: LayerRegion, layer_gm: fx.GraphModule, mask_
     mask_values = [[value_of(n) for n in inputs] for inputs in mask_inputs]
     try:
         with torch.no_grad():
-            key, value = plan.key_value(values, full)
+            kvs = plan.key_value(values, full)
     except Exception as error:
         raise CannotChunk(Reason.SHAPE_PROBE, f"chunked K/V: {error!r}"[:500]) from None
-    if list(key.shape) != [size_hint(s) for s in example(split.attention.key).shape]:
-        raise CannotChunk(Reason.SHAPE_PROBE, f"chunked K/V gave shape {list(key.shape)}")
+    for tensor, node in zip(kvs, split.kv_nodes):
+        if list(tensor.shape) != [size_hint(s) for s in example(node).shape]:
+            raise CannotChunk(Reason.SHAPE_PROBE, f"chunked K/V gave shape {list(tensor.shape)}")
     out_shape = [size_hint(s) for s in example(region.outputs[0]).shape]
 
-    def run_chunk(start, end, k, v):
+    def run_chunk(start, end):
         try:
-            args = plan.query_args(values, mask_values, k, v, start, end, full)
+            args = plan.query_args(values, mask_values, kvs, start, end, full)
         except NotCausalError as error:
             raise CannotChunk(Reason.NOT_CAUSAL, str(error)) from None
         try:
@@ -166,7 +167,7 @@ def _probe(plan: LayerPlan, region: LayerRegion, layer_gm: fx.GraphModule, mask_
     for start, end in ((0, min(full, 2)), (1, min(full, 4)), (max(0, full - 3), full)):
         if end <= start:
             continue
-        chunk = run_chunk(start, end, key, value)
+        chunk = run_chunk(start, end)
         expected = list(out_shape)
         expected[plan.output_seq_dim] = end - start
         if list(chunk.shape) != expected:
@@ -175,9 +176,9 @@ def _probe(plan: LayerPlan, region: LayerRegion, layer_gm: fx.GraphModule, mask_
     # Chunks of a prefix against the prefix as one chunk: a layer that is not token-wise (a view
     # that mixes positions, a mask that changes with the chunk) gives other values.
     length = min(full, PROBE_PREFIX)
-    whole = run_chunk(0, length, key, value)
+    whole = run_chunk(0, length)
     for size in (2, 3):
-        pieces = [run_chunk(s, min(length, s + size), key, value) for s in range(0, length, size)]
+        pieces = [run_chunk(s, min(length, s + size)) for s in range(0, length, size)]
         why = differs(whole, torch.cat(pieces, plan.output_seq_dim), autocast=context.autocast)
         if why:
             raise CannotChunk(Reason.PROBE_MISMATCH, f"chunks of {size} tokens against one chunk: {why}")
@@ -430,7 +431,8 @@ def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDeci
         if not node.users:
             graph.erase_node(node)
     decision.chunked = True
-    decision.attention = split.attention.kind + (" grouped-query" if split.attention.grouped_query_replication else "")
+    kinds = [a.kind + (" grouped-query" if a.grouped_query_replication else "") for a in split.attentions]
+    decision.attention = " + ".join(kinds)  # two for differential attention
     decision.mask = "lower-right causal (built per chunk)" if not builders else "; ".join(
         f"rebuilt per chunk (query sources {built.query_sources}, key sources {built.key_sources})"
         if built.query_sources else f"key bias rebuilt per chunk (key sources {built.key_sources})"

@@ -51,8 +51,8 @@ class MaskSpec:
 @dataclasses.dataclass
 class LayerPlan:
     name: str
-    kv_graph: Callable  # (*layer_inputs sliced to a chunk, full, chunk_len) -> (key, value) chunk
-    query_graph: Callable  # (*layer_inputs, key_prefix, value_prefix, [mask,] full, q_len, kv_len)
+    kv_graph: Callable  # (*layer_inputs sliced to a chunk, full, chunk_len) -> (key, value, ...) chunks
+    query_graph: Callable  # (*layer_inputs, key_prefix, value_prefix, ..., [mask,] full, q_len, kv_len)
     layer_inputs: list[InputRef]
     masks: list[MaskSpec]  # empty: sdpa's is_causal, a lower-right causal mask is passed instead
     query_slice_dims: list[Optional[int]]  # per layer input
@@ -100,24 +100,24 @@ class LayerPlan:
             for v, dim in zip(values, self.query_slice_dims)
         ]
 
-    def key_value(self, values, full):
-        """K and V of the whole sequence, computed chunk by chunk (no [T, width] temporaries)."""
-        key = value = None
+    def key_value(self, values, full) -> list[torch.Tensor]:
+        """K and V of the whole sequence (of every attention of the layer: differential
+        attention has two), computed chunk by chunk (no [T, width] temporaries)."""
+        whole = None
         for start, end in self.kv_chunks(full):
-            key_chunk, value_chunk = self.kv_graph(*self.sliced(values, start, end), full, end - start)
-            if key is None:
-                key = key_chunk.new_empty(_with_length(key_chunk.shape, self.kv_seq_dim, full))
-                value = value_chunk.new_empty(_with_length(value_chunk.shape, self.kv_seq_dim, full))
-            key.narrow(self.kv_seq_dim, start, end - start).copy_(key_chunk)
-            value.narrow(self.kv_seq_dim, start, end - start).copy_(value_chunk)
-        return key, value
+            parts = self.kv_graph(*self.sliced(values, start, end), full, end - start)
+            if whole is None:
+                whole = [p.new_empty(_with_length(p.shape, self.kv_seq_dim, full)) for p in parts]
+            for tensor, part in zip(whole, parts):
+                tensor.narrow(self.kv_seq_dim, start, end - start).copy_(part)
+        return whole
 
-    def query_args(self, values, mask_values, key, value, start, end, full):
+    def query_args(self, values, mask_values, kvs, start, end, full):
         args = self.sliced(values, start, end)
-        masks = self.chunk_masks(mask_values, start, end, full, key.device)
+        masks = self.chunk_masks(mask_values, start, end, full, kvs[0].device)
         for spec, mask in zip(self.masks, masks):
             args[spec.layer_input] = mask
-        args += [key.narrow(self.kv_seq_dim, 0, end), value.narrow(self.kv_seq_dim, 0, end)]
+        args += [t.narrow(self.kv_seq_dim, 0, end) for t in kvs]
         if not self.masks:
             args += masks
         return args + [full, end - start, end]
@@ -208,10 +208,10 @@ def layer_forward(plan: LayerPlan, tensors: Sequence[torch.Tensor], ints: Sequen
     like = tensors[plan.output_like]
     full = like.shape[plan.output_seq_dim]
     with torch.no_grad():
-        key, value = plan.key_value(values, full)
+        kvs = plan.key_value(values, full)
         out = torch.empty_like(like)
         for start, end in plan.chunks(full):
-            chunk = plan.query_graph(*plan.query_args(values, mask_values, key, value, start, end, full))
+            chunk = plan.query_graph(*plan.query_args(values, mask_values, kvs, start, end, full))
             out.narrow(plan.output_seq_dim, start, end - start).copy_(chunk)
     return out
 
@@ -246,41 +246,43 @@ def layer_backward(
 
     with autograd_in_kernel():
         with torch.no_grad():
-            key, value = plan.key_value(values, full)
-        grad_key, grad_value = accumulator_like(key), accumulator_like(value)
+            kvs = plan.key_value(values, full)
+        grad_kvs = [accumulator_like(t) for t in kvs]
         whole_leaves = {
             i: values[i].detach().requires_grad_() for i in wanted if plan.query_slice_dims[i] is None
         }
-        n = len(values)
+        n, count = len(values), len(kvs)
         for start, end in plan.chunks(full):
-            args = plan.query_args(values, mask_values, key, value, start, end, full)
+            args = plan.query_args(values, mask_values, kvs, start, end, full)
             leaves = attach_leaves(args, whole_leaves)
-            key_prefix = args[n] = args[n].detach().requires_grad_()
-            value_prefix = args[n + 1] = args[n + 1].detach().requires_grad_()
+            prefixes = []
+            for i in range(n, n + count):
+                args[i] = args[i].detach().requires_grad_()
+                prefixes.append(args[i])
             chunk_grads = torch.autograd.grad(
                 plan.query_graph(*args),
-                [key_prefix, value_prefix, *leaves.values()],
+                [*prefixes, *leaves.values()],
                 grad_output.narrow(plan.output_seq_dim, start, end - start),
                 allow_unused=True,
             )
-            for target, grad in ((grad_key, chunk_grads[0]), (grad_value, chunk_grads[1])):
+            for target, grad in zip(grad_kvs, chunk_grads[:count]):
                 if grad is not None:
                     target.narrow(plan.kv_seq_dim, 0, end).add_(grad)
-            accumulate(leaves, chunk_grads[2:], start, end)
+            accumulate(leaves, chunk_grads[count:], start, end)
             # Nothing of this chunk may outlive it: its gradients are prefix- and weight-sized.
-            del chunk_grads, args, leaves, grad
+            del chunk_grads, args, leaves, prefixes, grad
         # The prefix contributions: dK/dV through the K/V projections, once per layer (chunk
         # by chunk: the K/V computation is token-wise).
-        del key, value
+        del kvs
         for start, end in plan.kv_chunks(full) if wanted else ():
             args = plan.sliced(values, start, end)
             leaves = attach_leaves(args, whole_leaves)
-            key_chunk, value_chunk = plan.kv_graph(*args, full, end - start)
+            parts = plan.kv_graph(*args, full, end - start)
             # Only what depends on a trained input is differentiated (LoRA on q/v: K's
             # projection is frozen, nothing before K needs a gradient).
             pairs = [
                 (out, grad.narrow(plan.kv_seq_dim, start, end - start).to(out.dtype))
-                for out, grad in ((key_chunk, grad_key), (value_chunk, grad_value)) if out.requires_grad
+                for out, grad in zip(parts, grad_kvs) if out.requires_grad
             ]
             if pairs:
                 kv_grads = torch.autograd.grad(
@@ -288,7 +290,7 @@ def layer_backward(
                 )
                 accumulate(leaves, kv_grads, start, end)
                 del kv_grads
-            del args, leaves, key_chunk, value_chunk, pairs
+            del args, leaves, parts, pairs
     return grads.result()
 
 

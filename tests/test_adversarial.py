@@ -23,6 +23,14 @@ def _attention(block, h, mask=None):
         key = k.transpose(-1, -2).contiguous().permute(0, 1, 2, 3)  # [b, heads, head_dim, t], no transpose
         scores = (q @ key) / (d // HEADS) ** 0.5
         return scores.masked_fill(mask == torch.tensor(False), float("-inf")).softmax(-1) @ v
+    if block.variant == "differential attention":  # DiffLlama: one query and key, two values
+        v1, v2 = v.chunk(2, dim=-1)
+        first = F.scaled_dot_product_attention(q, k, v1.repeat(1, 1, 1, 2), attn_mask=mask, is_causal=mask is None)
+        second = F.scaled_dot_product_attention(q, k, v2.repeat(1, 1, 1, 2), attn_mask=mask, is_causal=mask is None)
+        return first - 0.3 * second
+    if block.variant == "a second attention that is not causal":
+        causal = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return causal + F.scaled_dot_product_attention(q, k, v)
     if mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
@@ -176,6 +184,7 @@ def check(variant="", mask="causal", seed=0):
 REFUSED = {
     # variant: (reasons allowed, a word the detail names)
     "draws from its own data": ({Reason.RANDOM}, "bernoulli"),
+    "a second attention that is not causal": ({Reason.MULTIPLE_ATTENTION}, "masked differently"),
     "reshape without transpose": ({Reason.SEQUENCE_MIXING}, "view"),
     "slice assignment shift": ({Reason.SEQUENCE_MIXING}, "slice"),
     "roll": ({Reason.SEQUENCE_MIXING}, "roll"),
@@ -255,6 +264,15 @@ def test_mask_values_computed_over_all_keys_are_refused(mask):
     report = check(mask=mask)
     assert report.layers and not report.chunked_layers, str(report)
     assert {layer.reason for layer in report.layers} <= {Reason.MASK_UNSUPPORTED, Reason.SEQUENCE_MIXING}, str(report)
+
+
+@pytest.mark.parametrize("mask", ["causal", "bool causal"])
+def test_several_attentions_in_a_layer_are_chunked(mask):
+    """Differential attention: two softmaxes of one query and key, each with its value; the K/V
+    graph computes the shared key once and both values."""
+    report = check("differential attention", mask=mask)
+    assert len(report.chunked_layers) == 2, str(report)
+    assert report.layers[0].attention == "sdpa + sdpa", str(report)
 
 
 def test_keys_in_other_layouts_and_masks_compared_with_tensors_are_chunked():
