@@ -312,7 +312,7 @@ def _from_outside(node: fx.Node, layer_inputs: set) -> bool:
             continue
         seen.add(n)
         if n.op == "placeholder":
-            if n not in layer_inputs:
+            if n not in layer_inputs and isinstance(example(n), torch.Tensor):  # sizes (``s16``) are not data
                 return False
             continue
         stack.extend(n.all_input_nodes)
