@@ -21,6 +21,7 @@ FAMILIES = {
     "gpt_neo": "causal and local-window masks sliced from a buffer inside the layer",
     "mpt": "an ALiBi bias sliced inside the layer from a table over the longest sequence",
     "xglm": "scores clamped from below by an elementwise torch.max",
+    "gpt_neox_japanese": "scores through baddbmm on zeros made from sizes (symbolic at the second length)",
     "phimoe": "random Gumbel sampling of experts in the layer (replayed), a router with a custom backward",
 }
 
