@@ -343,20 +343,18 @@ class SeqDimAnalysis:
         fresh = list(labels)
         created = [i for i, size in enumerate(shape) if fresh[i] is None and self.is_seq_sized(size)]
         for i in created:
-            size = shape[i]
-            if fresh[i] is None and self.is_seq_sized(size):
-                # A sequence axis starts here: at a creation (``arange(T)``), at rows of a table
-                # (GPT-Neo's ``bias[:, :, :T, :T]``), or, where sizes are symbolic and so exact,
-                # at any op (padding two batches to one length). Each created dim is a source of
-                # its own (``name#dim`` where there are several): a mask's query and key axes.
-                if self.source_mode and (op_name(node) in CREATION or op_name(node) in BROADCASTS
-                                         or self._takes_rows_of_a_table(node, i) or isinstance(size, torch.SymInt)):
-                    fresh[i] = frozenset({node.name if len(created) == 1 else f"{node.name}#{i}"})
-                elif self.refuse_unexplained:
-                    raise CannotChunk(
-                        Reason.UNKNOWN_OP,
-                        f"{node.name} ({op_name(node)}) creates a sequence-sized dim {i} not derived from the input",
-                    )
+            # A sequence axis starts here: at a creation (``arange(T)``), at rows of a table
+            # (GPT-Neo's ``bias[:, :, :T, :T]``), or, where sizes are symbolic and so exact, at
+            # any op (padding two batches to one length). Each created dim is a source of its
+            # own (``name#dim`` where there are several): a mask's query and key axes.
+            if self.source_mode and (op_name(node) in CREATION or op_name(node) in BROADCASTS
+                                     or self._takes_rows_of_a_table(node, i) or isinstance(shape[i], torch.SymInt)):
+                fresh[i] = frozenset({node.name if len(created) == 1 else f"{node.name}#{i}"})
+            elif self.refuse_unexplained:
+                raise CannotChunk(
+                    Reason.UNKNOWN_OP,
+                    f"{node.name} ({op_name(node)}) creates a sequence-sized dim {i} not derived from the input",
+                )
         return tuple(fresh)
 
     @staticmethod
