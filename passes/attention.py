@@ -319,10 +319,12 @@ def _from_outside(node: fx.Node, layer_inputs: set) -> bool:
     return True
 
 
-def find_attentions(gm: fx.GraphModule, mask_candidates: set) -> list[Attention]:
+def find_attentions(gm: fx.GraphModule, mask_candidates: set, is_seq_sized=None) -> list[Attention]:
     """The attentions of a layer subgraph, in graph order: one, or several over the same
     sequence (differential attention: two softmaxes of one query and key, each with its value).
-    ``mask_candidates``: placeholders that may be masks."""
+    ``mask_candidates``: placeholders that may be masks. With ``is_seq_sized``, a softmax of
+    ``q @ k^T`` whose keys are not the sequence's (Inkling's mixing of a few slots within each
+    token) is no attention over the sequence: ordinary ops, analysed as any other."""
     found = []
     for node in gm.graph.nodes:
         name = op_name(node)
@@ -330,6 +332,9 @@ def find_attentions(gm: fx.GraphModule, mask_candidates: set) -> list[Attention]
             found.append(_sdpa(node))
         elif name in ("softmax", "_softmax") and node.op in ("call_function", "call_method"):
             attention = _eager(node, mask_candidates)
+            keys = shape_of(attention.key) if attention is not None else None
+            if keys and is_seq_sized is not None and not (len(keys) >= 2 and is_seq_sized(keys[-2])):
+                continue
             if attention is not None:
                 found.append(attention)
     if not found:

@@ -158,7 +158,7 @@ def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dyna
             raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{node.name}: produced by an op without a rule")
     mask_candidates = {p for p, l in zip(placeholders, input_labels) if isinstance(l, tuple) and "S" in l}
     try:
-        attentions = find_attentions(layer_gm, mask_candidates)
+        attentions = find_attentions(layer_gm, mask_candidates, is_seq_sized)
     except CannotChunk as refusal:
         if refusal.reason is Reason.NO_ATTENTION and not refusal.detail:
             raise CannotChunk(Reason.NO_ATTENTION, _sequence_mixer(layer_gm, placeholders, input_labels, seq_length)) from None
