@@ -461,6 +461,19 @@ def summary(rows: list[dict]) -> list[str]:
     if trainable:
         lines.append(f"Every layer chunked: {len(chunked)} of the {len(trainable)} architectures whose eager "
                      f"step works ({100 * len(chunked) / len(trainable):.0f}%).")
+    # The share among models whose layers streambp means to chunk today: without those with a
+    # mixer that is not attention (SSM scans, convolutions, linear attention: carrying their state
+    # across chunks is a later step) and those where compile itself diverges upstream.
+    def attention_free(row):
+        refused = [reason for reason in (row.get("layer_reasons") or {}).values() if reason]
+        return (row["status"] in ("refused", "partly chunked") and refused
+                and all(reason == "NO_ATTENTION" for reason in refused) and "softmax" not in str(row.get("reasons")))
+
+    left_out = [row for row in trainable if attention_free(row) or row["status"] == "compile diverges"]
+    meant = [row for row in trainable if row not in left_out]
+    if meant:
+        lines.append(f"Leaving out the {len(left_out)} with a mixer that is not attention or where compile "
+                     f"diverges upstream: {len(chunked)} of {len(meant)} ({100 * len(chunked) / len(meant):.0f}%).")
     timed = [row for row in rows if "first_step_s" in row]
     if timed:
         slowest = max(timed, key=lambda row: row["first_step_s"])
