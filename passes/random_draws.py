@@ -100,14 +100,9 @@ def _shape_around_sequence(shape, labels, length, size_nodes) -> Optional[tuple[
             continue
         out_shape.append(size)
         out_labels.append(None)
-    sizes = []
-    for size in out_shape:
-        if isinstance(size, torch.SymInt):
-            node = size_nodes.get(size.node.expr)
-            if node is None:
-                return None
-            size = node
-        sizes.append(size)
+    sizes = [_size_spec(size, size_nodes) for size in out_shape]
+    if any(spec is None or isinstance(spec, tuple) for spec in sizes):  # ints and size placeholders only
+        return None
     return sizes, out_labels
 
 
@@ -133,8 +128,6 @@ def replay_random_draws(gm: fx.GraphModule, region: LayerRegion, labels: dict, l
             return region  # some draw stays (dropout too): the layer is refused for it
         draws.append(draw)
         seen.update(draw.nodes)
-    if not set(random) <= seen:
-        return region
     # Plan every draw before changing the graph: all move, or none. Where each runs along the
     # sequence, from the layer's inputs (the whole graph's labels inside it may predate an
     # earlier layer's rewrite), through the attention and whatever else mixes positions: only
@@ -148,7 +141,7 @@ def replay_random_draws(gm: fx.GraphModule, region: LayerRegion, labels: dict, l
     for draw in draws:
         value = example(draw.value)
         start = draw.nodes[0]
-        # Laid out like the tensor it is made like (the fills in place have no rules of their own).
+        # Laid out like the tensor it is made like; a draw by size, by its own sizes.
         draw_labels = local.get(start.args[0] if op_name(start) in _FRESH_LIKE | _DRAW_LIKE else start)
         around = _shape_around_sequence(tuple(value.shape), draw_labels, length, size_nodes)
         view_shape = [_size_spec(s, size_nodes) for s in value.shape]
