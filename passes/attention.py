@@ -191,7 +191,7 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
         for reduction in reductions:
             extra.extend(_key_reduction(reduction))
         rest = [a for a in inputs if a not in reductions]
-        scores_in = [a for a in rest if not _from_outside(a, layer_inputs)]
+        scores_in = [a for a in rest if not from_outside(a, layer_inputs)]
         if op_name(node) in ("add", "where", "masked_fill", "sub"):
             for other in rest:
                 if other not in scores_in and _made_of_inputs(other):
@@ -208,7 +208,7 @@ def _eager(softmax: fx.Node, layer_inputs: set) -> Optional[Attention]:
         bias = scores.kwargs.get("input", scores.args[0] if scores.args else None)
         query_operand = scores.kwargs.get("batch1", scores.args[1] if len(scores.args) > 1 else None)
         key_operand = scores.kwargs.get("batch2", scores.args[2] if len(scores.args) > 2 else None)
-        if not (isinstance(bias, fx.Node) and _from_outside(bias, layer_inputs)):
+        if not (isinstance(bias, fx.Node) and from_outside(bias, layer_inputs)):
             return None
         if _made_of_inputs(bias):  # not a constant (GPT-NeoX-Japanese's zeros)
             masks.append((bias, "keep"))
@@ -290,7 +290,7 @@ def _masks_probabilities(node: fx.Node, probs: fx.Node, layer_inputs: set) -> bo
     if op_name(node) not in ("masked_fill", "where", "mul") or probs not in node.all_input_nodes:
         return False
     others = [a for a in node.all_input_nodes if a is not probs]
-    return bool(others) and all(_from_outside(a, layer_inputs) for a in others)
+    return bool(others) and all(from_outside(a, layer_inputs) for a in others)
 
 
 def _drops_last_keys(node: fx.Node) -> bool:
@@ -303,7 +303,7 @@ def _drops_last_keys(node: fx.Node) -> bool:
             and isinstance(index[1].stop, int) and index[1].stop < 0)
 
 
-def _from_outside(node: fx.Node, layer_inputs: set) -> bool:
+def from_outside(node: fx.Node, layer_inputs: set) -> bool:
     """True if ``node`` is a layer input or derived from layer inputs without the hidden state."""
     stack, seen = [node], set()
     while stack:

@@ -35,6 +35,7 @@ from sbp_compiler.runtime import register_plan
 from .errors import CannotChunk, Reason
 from .find_layers import extract_subgraph
 from .fx_utils import eliminate_dead_code, refuse_side_effects
+from .grad_mode import grad_mode_of, record_grad_modes, reproduce_grad_modes
 from .op_arguments import OpArguments
 from .outline import GraphContext
 from .probe import fabricate
@@ -248,6 +249,9 @@ def _extract(region: HeadRegion, outer_labels: dict, is_seq_sized, dynamic, full
         if not isinstance(labels.get(out), tuple) or labels[out].count(S) != 1:
             raise CannotChunk(Reason.HEAD_LAYOUT, f"head output {out.name} has sequence labels {labels.get(out)}")
     rescaled = rescale_shape_arguments(gm, labels, {S: (full_len, chunk_len)})
+    # A loss's no_grad block (per-token weights) stays one; the op runs with autograd if any
+    # output was computed with it (see ``_replace``).
+    reproduce_grad_modes(gm, any(grad_mode_of(o) for o in region.outputs))
     return _Extracted(gm, labels, placeholders, outputs, rescaled)
 
 
@@ -323,6 +327,7 @@ def outline_head(context: GraphContext, chunk_size, decision: HeadDecision) -> N
     """Rewrite the head region of ``context.gm``, after ``context.last_layer_output``, into one
     ``streambp::head`` call, in place."""
     start = context.last_layer_output
+    record_grad_modes(context.gm.graph)
     region = find_head_region(context.gm, start, context.labels, context.is_seq_sized, context.dynamic,
                               context.full_length)
     decision.stops = region.stops
@@ -469,7 +474,16 @@ def _replace(gm: fx.GraphModule, region: HeadRegion, op, plan_id: int, tensors: 
     )
     if position[last_input] >= first_use:
         raise CannotChunk(Reason.HEAD_LAYOUT, f"{last_input.name} is computed after a head output is used")
-    with graph.inserting_after(last_input):
+    # The op runs with autograd if any output was computed with it, wherever its last input
+    # left the grad mode (a label mask made under no_grad); outputs eager computed without
+    # autograd are detached, as they were.
+    site = grad_mode_of(last_input.next)
+    wanted = any(grad_mode_of(o) for o in region.outputs)
+    previous = last_input
+    if wanted != site:
+        with graph.inserting_after(previous):
+            previous = graph.call_function(torch._C._set_grad_enabled, (wanted,))
+    with graph.inserting_after(previous):
         call = graph.call_function(op, (plan_id, list(tensors), list(ints)))
     call.meta["example_value"] = [example(o) for o in region.outputs]
     results, previous = [], call
@@ -477,7 +491,14 @@ def _replace(gm: fx.GraphModule, region: HeadRegion, op, plan_id: int, tensors: 
         with graph.inserting_after(previous):
             previous = graph.call_function(operator.getitem, (call, i))
         previous.meta = dict(out.meta)
+        if wanted and not grad_mode_of(out):
+            with graph.inserting_after(previous):
+                previous = graph.call_function(torch.Tensor.detach, (previous,))
+            previous.meta = dict(out.meta)
         results.append(previous)
+    if wanted != site:
+        with graph.inserting_after(previous):
+            graph.call_function(torch._C._set_grad_enabled, (site,))
     for out, item in zip(region.outputs, results):
         out.replace_all_uses_with(item, delete_user_cb=lambda user: user not in members)
     for node in reversed(region.members):

@@ -19,8 +19,10 @@ import torch
 import torch.fx as fx
 
 from .attention import Attention, find_attentions
+from .key_selection import find_key_selections
 from .errors import CannotChunk, Reason
 from .find_layers import placeholders_for
+from .grad_mode import reproduce_grad_modes
 from .fx_utils import ancestors, eliminate_dead_code
 from .rescale import rescale_shape_arguments
 from .seq_dims import SeqDimAnalysis, UNKNOWN, example, is_plain, op_name, shape_of
@@ -42,6 +44,9 @@ class LayerSplit:
     output_seq_dim: int
     dropout_sources: list  # layer input indices whose .item() is a dropout probability
     rescaled_arguments: int
+    # Why every chunk sees every key instead of its prefix ("" if it does not): keys selected by
+    # top-k (``passes/key_selection``), or a mask whose construction is not understood.
+    full_keys: str = ""
 
 
 def _dropout_probability_sources(gm: fx.GraphModule, attention: Attention, placeholders: list) -> list:
@@ -146,8 +151,10 @@ def _sequence_mixer(layer_gm: fx.GraphModule, placeholders, input_labels, seq_le
     return "no op mixes positions"
 
 
-def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dynamic: bool, seq_length: int) -> LayerSplit:
+def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dynamic: bool, seq_length: int,
+                call_mode: bool = True) -> LayerSplit:
     """``input_labels``: per layer input, its dims labelled ``"S"`` where they run along the sequence.
+    ``call_mode``: the grad mode the layer's op is called in (see ``grad_mode.reproduce_grad_modes``).
 
     ``is_seq_sized``/``dynamic``: see ``SeqDimAnalysis``; with a dynamic length every
     sequence-sized dim must be explained by the analysis.
@@ -167,12 +174,29 @@ def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dyna
     # Masks (.., T, T) and score biases along the keys (ALiBi's (.., 1, T)) are rebuilt per chunk.
     # Several attentions must be masked alike: the run-time causality check looks at the masks
     # of a chunk together.
-    roots = [_mask_roots(a.masks, mask_candidates) for a in attentions]
-    named = [sorted((node.name, how) for node, how in r) for r in roots]
-    if any(n != named[0] for n in named[1:]) or len({a.is_causal for a in attentions}) > 1:
-        raise CannotChunk(Reason.MULTIPLE_ATTENTION,
-                          f"{', '.join(a.node.name for a in attentions)} are masked differently")
+    selections = find_key_selections(layer_gm, mask_candidates, is_seq_sized)
+    full_keys = "keys selected by top-k" if selections else ""
     attention = attentions[0]
+    if not full_keys:
+        try:
+            roots = [_mask_roots(a.masks, mask_candidates) for a in attentions]
+        except CannotChunk as refusal:
+            # Which keys such a mask hides is not known (GPT-1's ``w * b - 1e4 * (1 - b)``): the
+            # chunks see every key, and so eager's rows whatever the mask.
+            full_keys = f"a mask computed in the layer: {refusal.detail}"
+        else:
+            named = [sorted((node.name, how) for node, how in r) for r in roots]
+            if any(n != named[0] for n in named[1:]) or len({a.is_causal for a in attentions}) > 1:
+                raise CannotChunk(Reason.MULTIPLE_ATTENTION,
+                                  f"{', '.join(a.node.name for a in attentions)} are masked differently")
+    if full_keys:
+        # Every key in every chunk: the masks are rebuilt over all keys, and since no causality
+        # is assumed, none is checked. Masks: the (.., T, T) inputs, and the (.., T) ones a mask
+        # operand is made from (a padding bias along the keys).
+        behind_masks = set().union(*(ancestors(m) for a in attentions for m, _ in a.masks))
+        roots = [[(p, "above_min") for p, l in zip(placeholders, input_labels)
+                  if isinstance(l, tuple) and (l.count("S") == 2 and l[-2:] == ("S", "S")
+                                               or l.count("S") == 1 and l[-1] == "S" and p in behind_masks)]]
     mask_inputs, mask_visibility = [], []
     for mask, visible in roots[0]:
         index = placeholders.index(mask)
@@ -192,10 +216,15 @@ def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dyna
             raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{p.name} has {labels.count('S')} sequence dims")
 
     dropout_sources = sorted({i for a in attentions for i in _dropout_probability_sources(layer_gm, a, placeholders)})
-    kv_nodes = list(dict.fromkeys(n for a in attentions for n in (a.key, a.value)))  # shared ones once
+    # Each attention's key and value, and each selection's key; shared ones once.
+    kv_nodes = list(dict.fromkeys([n for a in attentions for n in (a.key, a.value)] + [s.key for s in selections]))
     kv_graph, kv_seq_dim = _kv_graph(layer_gm, kv_nodes, placeholders, input_labels, is_seq_sized, dynamic, seq_length)
     query_graph, output_seq_dim, rescaled = _query_graph(layer_gm, attentions, kv_nodes, placeholders, input_labels,
-                                                         kv_seq_dim, is_seq_sized, dynamic, seq_length, mask_inputs)
+                                                         kv_seq_dim, is_seq_sized, dynamic, seq_length, mask_inputs,
+                                                         {s.key for s in selections}, bool(full_keys))
+    # A no_grad block inside the layer stays one in both graphs (``passes/grad_mode``).
+    reproduce_grad_modes(kv_graph, call_mode)
+    reproduce_grad_modes(query_graph, call_mode)
     query_slice_dims = [
         labels.index("S") if isinstance(labels, tuple) and labels.count("S") == 1 and i not in mask_inputs else None
         for i, labels in enumerate(input_labels)
@@ -213,6 +242,7 @@ def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dyna
         output_seq_dim=output_seq_dim,
         dropout_sources=dropout_sources,
         rescaled_arguments=rescaled,
+        full_keys=full_keys,
     )
 
 
@@ -264,11 +294,11 @@ def _kv_graph(layer_gm, kv_nodes, placeholders, input_labels, is_seq_sized, dyna
 
 
 def _query_graph(layer_gm, attentions, kv_nodes, placeholders, input_labels, kv_seq_dim, is_seq_sized, dynamic,
-                 seq_length, mask_inputs):
+                 seq_length, mask_inputs, selection_keys, full_keys):
     graph = fx.Graph()
     env = placeholders_for(graph, placeholders)
     prefixes = []
-    keys = {a.key for a in attentions}
+    keys = {a.key for a in attentions} | selection_keys
     for i, node in enumerate(kv_nodes):
         # key_prefix, value_prefix (then key_prefix_1, ... where a layer has several attentions)
         kind = "key" if node in keys else "value"
@@ -328,7 +358,9 @@ def _query_graph(layer_gm, attentions, kv_nodes, placeholders, input_labels, kv_
     if chunk_mask is not None:
         initial[chunk_mask] = (Q, K)
     analysis = SeqDimAnalysis(
+        # With every key present, any op may reduce or select along them: it sees eager's rows.
         mixing_allowed=lambda node, label: node in mixing and label == K,
+        complete_axis=K if full_keys else None,
         is_seq_sized=is_seq_sized,
         refuse_unexplained=dynamic,
         seq_length=seq_length,

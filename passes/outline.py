@@ -23,6 +23,7 @@ from sbp_compiler.runtime import (
 )
 
 from .errors import CannotChunk, Reason
+from .grad_mode import grad_mode_of, record_grad_modes, reproduce_grad_modes, without_gradient_path
 from .find_layers import LayerRegion, extract_subgraph, find_layer_regions, is_size_arithmetic, region_of
 from .fx_utils import eliminate_dead_code, refuse_side_effects
 from .layer_split import LayerSplit, split_layer
@@ -246,6 +247,7 @@ def outline_layers(
     ``chunk_size``: an int, or "auto" (resolved from the hidden size, see ``auto_chunk_size``).
     """
     regions = find_layer_regions(gm)
+    record_grad_modes(gm.graph)
     layer_output = _layer_output_example(regions)
     seq_len = layer_output.shape[-2]
     dynamic = isinstance(seq_len, torch.SymInt)
@@ -375,7 +377,9 @@ def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDeci
             raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN, f"{node.name}: {context.unknown_causes.get(node, 'no labels')}")
     for node, node_labels in zip(region.inputs, input_labels):
         _check_plain_input(node, node_labels, context)
-    split = split_layer(layer_gm, input_labels, context.is_seq_sized, context.dynamic, context.full_length)
+    call_mode = grad_mode_of(output)  # the op runs where the layer's output was computed
+    split = split_layer(layer_gm, input_labels, context.is_seq_sized, context.dynamic, context.full_length, call_mode)
+    reproduce_grad_modes(layer_gm, call_mode)  # the probe's reference: the layer as eager runs it
 
     mask_nodes = [region.inputs[i] for i in split.mask_inputs]
     builders = []  # (MaskBuilder, its callable) per rebuilt input; one serves every layer using it
@@ -414,13 +418,25 @@ def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDeci
         output_like=like[0],
         dropout_sources=split.dropout_sources,
         chunk_size=context.chunk_size,
+        full_keys=bool(split.full_keys),
     )
     _probe(plan, region, layer_gm, [built.inputs for built, _ in builders], split, arguments, context)
     plan_id = register_plan(plan, context.plans)
 
     graph = gm.graph
+    # Inputs the layer reads only under no_grad are passed detached: eager leaves their .grad None.
+    layer_placeholders = [n for n in layer_gm.graph.nodes if n.op == "placeholder"]
+    frozen = {region.inputs[layer_placeholders.index(p)] for p in without_gradient_path(layer_gm)}
+    passed = []
+    for node in tensors:
+        if node in frozen and example(node).requires_grad:
+            with graph.inserting_before(output):
+                detached = graph.call_method("detach", (node,))
+            detached.meta = dict(node.meta)
+            node = detached
+        passed.append(node)
     with graph.inserting_before(output):
-        call = graph.call_function(torch.ops.streambp.layer.default, (plan_id, list(tensors), list(ints)))
+        call = graph.call_function(torch.ops.streambp.layer.default, (plan_id, passed, list(ints)))
     call.meta = dict(output.meta)
     # The op's output is proven to run along the sequence at output_seq_dim, whatever the lenient
     # whole-graph analysis made of the original ops (a dispatch it could not follow, say).
@@ -433,6 +449,7 @@ def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDeci
     decision.chunked = True
     kinds = [a.kind + (" grouped-query" if a.grouped_query_replication else "") for a in split.attentions]
     decision.attention = " + ".join(kinds)  # two for differential attention
+    decision.keys, decision.keys_reason = ("all", split.full_keys) if split.full_keys else ("prefix", "")
     decision.mask = "lower-right causal (built per chunk)" if not builders else "; ".join(
         f"rebuilt per chunk (query sources {built.query_sources}, key sources {built.key_sources})"
         if built.query_sources else f"key bias rebuilt per chunk (key sources {built.key_sources})"

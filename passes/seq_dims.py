@@ -23,6 +23,7 @@ import math
 from typing import Callable, Hashable, Optional, Sequence
 
 import sympy
+from torch.utils._sympy.functions import Min as SymMin
 import torch
 import torch.fx as fx
 
@@ -187,7 +188,9 @@ class SeqDimAnalysis:
     whose inputs are sliced by their labels needs every such operand labelled); ``seq_length``
     (the example's length) lets views split a merged sequence dim by its layout;
     ``creation_label`` labels the sequence-sized dims of new tensors (``new_empty(b, h, T, d)``)
-    with that axis, where only one axis can be meant (a K/V graph).
+    with that axis, where only one axis can be meant (a K/V graph); ``complete_axis`` is an axis
+    present at its full length (the keys of a chunk that sees every key): any op may reduce,
+    select or scatter along it, and a new tensor's sequence-sized dim written by a scatter is it.
     """
 
     def __init__(
@@ -201,6 +204,7 @@ class SeqDimAnalysis:
         aligned_only: bool = False,
         seq_length: Optional[int] = None,
         creation_label: Optional[str] = None,
+        complete_axis: Optional[str] = None,
     ):
         self.mixing_allowed = mixing_allowed
         self.is_seq_sized = is_seq_sized
@@ -210,6 +214,7 @@ class SeqDimAnalysis:
         self.aligned_only = aligned_only
         self.seq_length = seq_length  # the sequence's length (a hint where dynamic)
         self.creation_label = creation_label
+        self.complete_axis = complete_axis
         self.labels: dict[fx.Node, object] = {}
         # What is known about a tensor's values (``passes/dispatch.py``: that they are positions
         # along an axis, sort keys, group offsets), set by registered rules.
@@ -329,6 +334,9 @@ class SeqDimAnalysis:
         return labels
 
     def _mix(self, node, label, what):
+        label = self.resolve(label)
+        if label is not None and label == self.complete_axis:
+            return
         if isinstance(label, Broadcast):  # summing copies of a value along the sequence is not token-wise
             raise CannotChunk(Reason.SEQUENCE_MIXING, f"{node.name} ({op_name(node)}) {what} over a broadcast sequence dim")
         if label is None or self.source_mode or self.mixing_allowed(node, label):
@@ -482,11 +490,14 @@ class SeqDimAnalysis:
 
     def _rule_topk(self, node):
         """(values, indices) of the k largest along a dim that must not run along the sequence
-        (a router's top-k over experts); the other dims keep their labels."""
+        (a router's top-k over experts), or along the keys where a chunk has all of them (a
+        sparse-attention indexer); the selected dim is a rank then, no axis; the other dims keep
+        their labels."""
         labels = self.of(node.args[0])
         dim = _normalise_dim(self._arg(node, 2, "dim", -1), len(labels))
         self._mix(node, labels[dim], "selects the top k")
-        return [labels, labels]
+        out = tuple(None if i == dim else l for i, l in enumerate(labels))
+        return [out, out]
 
     def _rule_sort(self, node):
         labels = self.of(node.args[0])
@@ -592,13 +603,21 @@ class SeqDimAnalysis:
         that must not be the sequence; the other dims of x, index and src stay aligned."""
         x = node.args[0]
         dim = _normalise_dim(self._arg(node, 1, "dim"), len(self.of(x)))
+        written = self.resolve(self.of(x)[dim])
+        if isinstance(written, Broadcast) and self.complete_axis is not None:
+            # A constant of the sequence's length written at positions (an indexer's top-k keys
+            # into ``new_ones(b, q, T)``): only a dim that is all there keeps eager's values.
+            self._bind(written, self.complete_axis, node)
         operands = [x, self._arg(node, 2, "index")]
         src = self._arg(node, 3, "src")
         if isinstance(src, fx.Node) and isinstance(example(src), torch.Tensor):
             operands.append(src)
         for operand in operands:
             self._mix(node, self.of(operand)[dim], "scatters")
-        return self._aligned_merge(node, operands, dim)
+        out = list(self._aligned_merge(node, operands, dim))
+        if self.complete_axis is not None and self.resolve(self.of(x)[dim]) == self.complete_axis:
+            out[dim] = self.complete_axis  # written along the keys, which stay the keys
+        return tuple(out)
 
     # In place (inside a custom autograd function's backward: PhiMoE's router), labelled alike;
     # whether a write in place may be chunked is decided apart (``fx_utils.refuse_side_effects``).
@@ -1049,7 +1068,13 @@ def seq_sized_predicate(seq_len) -> Callable[[object], bool]:
         length = seq_len.node.expr
         if isinstance(length, sympy.Symbol):
             def is_seq_sized(size) -> bool:
-                return isinstance(size, torch.SymInt) and length in size.node.expr.free_symbols
+                if not isinstance(size, torch.SymInt):
+                    return False
+                expr = size.node.expr
+                # ``Min(8, s)`` (a top-k of at most 8) is bounded: no sequence axis.
+                if isinstance(expr, (sympy.Min, SymMin)) and any(a.is_number for a in expr.args):
+                    return False
+                return length in expr.free_symbols
 
             return is_seq_sized
 

@@ -20,10 +20,13 @@ class LayerDecision:
     attention: str = ""  # "sdpa" or "eager"
     mask: str = ""  # how the chunk mask is built
     rescaled_arguments: int = 0
+    keys: str = "prefix"  # what a chunk attends to: its key prefix, or "all" keys
+    keys_reason: str = ""  # why all: keys selected by top-k, a mask computed in the layer
 
     def __str__(self):
         if self.chunked:
-            return (f"  {self.path}: chunked ({self.attention} attention, mask {self.mask}, "
+            keys = f", every key in every chunk: {self.keys_reason}" if self.keys == "all" else ""
+            return (f"  {self.path}: chunked ({self.attention} attention{keys}, mask {self.mask}, "
                     f"{self.rescaled_arguments} shape arguments rescaled)")
         return f"  {self.path}: NOT chunked: {self.reason.value}: {self.detail}"
 

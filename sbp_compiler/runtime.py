@@ -61,6 +61,9 @@ class LayerPlan:
     output_like: int  # index into tensors of an input with the output's shape and dtype
     dropout_sources: list[int]  # layer inputs holding a dropout probability
     chunk_size: int
+    # Every chunk attends to every key, not its prefix (keys selected by top-k, see
+    # ``passes/key_selection``): eager's rows whatever the masks, so none is checked for causality.
+    full_keys: bool = False
 
     def unpack(self, tensors, ints):
         """(layer inputs, each mask's builder inputs) from the op's arguments."""
@@ -81,22 +84,31 @@ class LayerPlan:
         (fewer, larger matmuls) at a working set of at most 1024 tokens of its intermediates."""
         return self.chunks(length, max(self.chunk_size, KV_CHUNK_TOKENS))
 
+    def key_length(self, end: int, full: int) -> int:
+        """How many keys the chunk ending at ``end`` sees: its prefix, or all."""
+        return full if self.full_keys else end
+
     def chunk_masks(self, mask_values, start: int, end: int, full: int, device) -> list[torch.Tensor]:
         """The masks of queries ``[start, end)`` over keys ``[0, end)``: a lower-right causal
         one for is_causal, or every rebuilt mask, built over all keys and checked together to
         hide every key after its query (the keys past the chunk too: a chunk only ever sees its
-        prefix), then cut to the prefix."""
+        prefix), then cut to the prefix. With ``full_keys``, over all keys, unchecked."""
+        keys = self.key_length(end, full)
         if not self.masks:
             query = torch.arange(start, end, device=device)
-            return [torch.arange(end, device=device)[None, :] <= query[:, None]]
+            return [torch.arange(keys, device=device)[None, :] <= query[:, None]]
         masks = [spec.builder(*values, full, start, end - start, full) for spec, values in zip(self.masks, mask_values)]
+        if self.full_keys:
+            return masks
         check_lower_right_causal(masks, start, end, self.name, [spec.visible for spec in self.masks])
         return [mask.narrow(-1, 0, end) for mask in masks]
 
     def sliced(self, values, start, end):
-        """The layer inputs with every sequence input narrowed to ``[start, end)``."""
+        """The layer inputs with every sequence input narrowed to ``[start, end)``; contiguous,
+        as the layer may view them (GPT-1's ``x.view(-1, width)`` on its input): a chunk-sized
+        copy where the batch is > 1."""
         return [
-            v if dim is None else v.narrow(dim, start, end - start)
+            v if dim is None else v.narrow(dim, start, end - start).contiguous()
             for v, dim in zip(values, self.query_slice_dims)
         ]
 
@@ -117,10 +129,11 @@ class LayerPlan:
         masks = self.chunk_masks(mask_values, start, end, full, kvs[0].device)
         for spec, mask in zip(self.masks, masks):
             args[spec.layer_input] = mask
-        args += [t.narrow(self.kv_seq_dim, 0, end) for t in kvs]
+        keys = self.key_length(end, full)
+        args += [t.narrow(self.kv_seq_dim, 0, keys) for t in kvs]
         if not self.masks:
             args += masks
-        return args + [full, end - start, end]
+        return args + [full, end - start, keys]
 
     def check_dropout(self, values):
         for index in self.dropout_sources:
@@ -267,7 +280,7 @@ def layer_backward(
             )
             for target, grad in zip(grad_kvs, chunk_grads[:count]):
                 if grad is not None:
-                    target.narrow(plan.kv_seq_dim, 0, end).add_(grad)
+                    target.narrow(plan.kv_seq_dim, 0, plan.key_length(end, full)).add_(grad)
             accumulate(leaves, chunk_grads[count:], start, end)
             # Nothing of this chunk may outlive it: its gradients are prefix- and weight-sized.
             del chunk_grads, args, leaves, prefixes, grad

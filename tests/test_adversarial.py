@@ -28,6 +28,16 @@ def _attention(block, h, mask=None):
         first = F.scaled_dot_product_attention(q, k, v1.repeat(1, 1, 1, 2), attn_mask=mask, is_causal=mask is None)
         second = F.scaled_dot_product_attention(q, k, v2.repeat(1, 1, 1, 2), attn_mask=mask, is_causal=mask is None)
         return first - 0.3 * second
+    if block.variant == "top-k key selection":  # a sparse-attention indexer (DeepSeek-V3.2's DSA)
+        # ReLU'd scores tie at zero: top-k breaks the ties by where the keys lie in the row.
+        index_scores = torch.relu(q[:, 0] @ k[:, 0].transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+        top = index_scores.topk(min(3, t), dim=-1).indices
+        not_chosen = torch.ones(b, t, t, dtype=torch.bool).scatter(-1, top, False)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(mask & ~not_chosen)[:, None])
+    if block.variant == "soft mask":  # GPT-1: masked scores become -1e4, not -inf
+        keep = mask.to(q.dtype)
+        scores = (q @ k.transpose(-1, -2)) / (d // HEADS) ** 0.5
+        return (scores * keep + -1e4 * (1 - keep)).softmax(-1) @ v
     if block.variant == "a second attention that is not causal":
         causal = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return causal + F.scaled_dot_product_attention(q, k, v)
@@ -67,6 +77,10 @@ class Block(nn.Module):
             h = h * torch.empty_like(h).exponential_()
         if v == "draws from its own data":
             h = h * torch.bernoulli(torch.sigmoid(h))
+        if v == "no_grad block":  # a gate eager treats as a constant
+            with torch.no_grad():
+                gate = self.mlp(h).sigmoid()
+            h = h * gate
         attended = _attention(self, h, mask)
         if v == "reshape without transpose":
             merged = attended.reshape(x.shape)
@@ -213,6 +227,34 @@ def test_random_draws_are_replayed_exactly(variant):
     sees eager's own numbers (``check`` compares with eager under the same seed, twice)."""
     report = check(variant)
     assert len(report.chunked_layers) == 2, str(report)
+
+
+def test_a_no_grad_block_inside_a_layer_stays_one_in_forward_and_recompute():
+    """Dynamo records ``with torch.no_grad()`` as switches no value depends on; the chunk graphs
+    switch as eager did, so the gate passes no gradient (a chunk recomputed with autograd through
+    it gave 0.6% errors)."""
+    report = check("no_grad block")
+    assert len(report.chunked_layers) == 2, str(report)
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("mask", ["bool causal", "look-ahead beyond a chunk"])
+def test_keys_selected_by_top_k_are_chunked_over_every_key(mask):
+    """An indexer's top-k over a shorter row picks other tied keys: such a layer is chunked with
+    every key in every chunk, giving eager's rows whatever the mask (a look-ahead one too)."""
+    report = check("top-k key selection", mask=mask)
+    assert len(report.chunked_layers) == 2, str(report)
+    assert all(layer.keys == "all" and "top-k" in layer.keys_reason for layer in report.layers), str(report)
+
+
+@pytest.mark.parametrize("mask", ["bool causal", "look-ahead beyond a chunk"])
+def test_a_mask_computed_in_the_layer_is_chunked_over_every_key(mask):
+    """Which keys GPT-1's ``w * b - 1e4 * (1 - b)`` hides is not proven, and -1e4 hides nothing
+    exactly: every chunk sees every key, so the rows are eager's whatever the mask."""
+    report = check("soft mask", mask=mask)
+    assert len(report.chunked_layers) == 2, str(report)
+    assert all(layer.keys == "all" and "mask computed in the layer" in layer.keys_reason
+               for layer in report.layers), str(report)
 
 
 @pytest.mark.parametrize("variant", ["in-place on a view of a fresh value", "writes its input in place"])

@@ -115,6 +115,26 @@ def test_user_objective_from_logits(arch):
     assert_head_chunked(sbp_compiler.last_report())
 
 
+def no_grad_weighted_objective(model, input_ids, attention_mask, labels, use_cache):
+    """Per-token weights made under ``torch.no_grad()`` from the logits (confidence weighting),
+    and the label mask made under it after them: neither may pass a gradient."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache).logits
+    with torch.no_grad():
+        confidence = logits.softmax(-1).amax(-1)
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    per_token = F.cross_entropy(logits.flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none").view_as(targets)
+    with torch.no_grad():
+        valid = (targets != -100).to(logits.dtype)
+    return (confidence * per_token * valid).sum() / valid.sum()
+
+
+def test_no_grad_blocks_in_the_loss_pass_no_gradient():
+    model = float64_throughout(build_model("llama"))
+    eager, compiled = eager_and_compiled(lambda **inputs: no_grad_weighted_objective(model, **inputs))
+    assert_exact(model, compiled, batch(13, pad=3), 1e-10, eager)
+    assert_head_chunked(sbp_compiler.last_report())
+
+
 def test_returned_logits_exist_and_the_report_says_so():
     """Compiling the model itself returns the logits: they are made whole (the report says so),
     the rest of the head stays chunked, and everything is exact."""

@@ -23,6 +23,8 @@ FAMILIES = {
     "xglm": "scores clamped from below by an elementwise torch.max",
     "gpt_neox_japanese": "scores through baddbmm on zeros made from sizes (symbolic at the second length)",
     "phimoe": "random Gumbel sampling of experts in the layer (replayed), a router with a custom backward",
+    "deepseek_v32": "a sparse-attention indexer's top-k keys under no_grad (every key in every chunk)",
+    "openai-gpt": "a soft -1e4 mask computed in the layer (every key in every chunk)",
 }
 
 
