@@ -22,6 +22,7 @@ from sbp_compiler.runtime import (
     InputRef, LayerPlan, MaskSpec, NotCausalError, layer_backward, layer_forward, register_plan,
 )
 
+from .checkpoint import inline_checkpoints
 from .errors import CannotChunk, Reason
 from .grad_mode import grad_mode_of, record_grad_modes, reproduce_grad_modes, without_gradient_path
 from .find_layers import LayerRegion, extract_subgraph, find_layer_regions, is_size_arithmetic, region_of
@@ -371,6 +372,7 @@ def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDeci
         raise CannotChunk(Reason.LAYER_OUTPUTS, _several_outputs(region.outputs))
     output = region.outputs[0]
     layer_gm = extract_subgraph(region.inputs, region.nodes, region.outputs)
+    inline_checkpoints(layer_gm, context.mutated)  # gradient checkpointing: redundant in a chunked layer
     input_labels = [labels.get(n, UNKNOWN) for n in region.inputs]
     for node, node_labels in zip(region.inputs, input_labels):
         if node_labels == UNKNOWN:

@@ -455,3 +455,27 @@ def test_in_place_writes_in_a_custom_backward_are_kept():
     loss, grads = _grads(model, compiled, ids)
     assert torch.allclose(loss, ref_loss, rtol=1e-10, atol=0)
     assert max_relative_error(reference, grads) <= 1e-10
+
+
+class CheckpointedBlock(Block):
+    """A block that checkpoints itself from inside its own call, as transformers' layers do."""
+
+    def forward(self, x, mask):
+        return torch.utils.checkpoint.checkpoint(super().forward, x, mask, use_reentrant=False)
+
+
+def test_a_no_grad_block_inside_a_checkpointed_layer_stays_one():
+    """The checkpoint's body is copied into the layer with the grad mode of each of its ops."""
+    torch.manual_seed(0)
+    model = Decoder("no_grad block").double()
+    for i, block in enumerate(model.blocks):
+        checkpointed = CheckpointedBlock("no_grad block").double()
+        checkpointed.load_state_dict(block.state_dict())
+        model.blocks[i] = checkpointed
+    ids = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": CHUNK})
+    ref_loss, reference = _grads(model, model, ids)
+    loss, grads = _grads(model, compiled, ids)
+    assert torch.allclose(loss, ref_loss, rtol=1e-10, atol=0)
+    assert max_relative_error(reference, grads) <= 1e-10
+    assert len(sbp_compiler.last_report().chunked_layers) == 2, str(sbp_compiler.last_report())

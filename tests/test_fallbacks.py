@@ -7,7 +7,7 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
 import sbp_compiler
-from models import VOCAB, batch, build_model, loss_and_grads, max_relative_error
+from models import VOCAB, assert_exact, batch, build_model, float64_throughout, loss_and_grads, max_relative_error
 from passes.errors import Reason
 
 
@@ -117,3 +117,30 @@ def test_use_cache_true_is_refused_with_a_hint():
     report = sbp_compiler.last_report()
     assert report.fallback == Reason.LAYER_OUTPUTS
     assert "use_cache=False" in report.fallback_detail
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_is_looked_through(use_reentrant):
+    """``gradient_checkpointing_enable()`` (TRL's default) wraps each layer in one checkpoint call
+    that hides its attention; a chunked layer recomputes itself anyway, so the call's body is
+    chunked as the layer, exactly."""
+    model = float64_throughout(build_model("llama"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4})
+    for length in (13, 7):
+        assert_exact(model, compiled, batch(length, pad=3), 1e-10)
+        assert len(sbp_compiler.last_report().chunked_layers) == 2, str(sbp_compiler.last_report())
+
+
+def test_a_checkpointed_layer_that_is_refused_keeps_its_checkpoint(tmp_path):
+    """A layer refused for another reason (dropout > 0) stays checkpointed in the model's graph,
+    with the memory saving the user asked for."""
+    model = float64_throughout(build_model("llama", attention_dropout=0.1))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4, "debug_dir": str(tmp_path)})
+    torch.manual_seed(0)
+    compiled(**batch(9)).loss.backward()
+    report = sbp_compiler.last_report()
+    assert not report.chunked_layers and report.layers[0].reason == Reason.DROPOUT, str(report)
+    (rewritten,) = tmp_path.glob("graph_*/*_streambp.py")
+    assert rewritten.read_text().count("tag_activation_checkpoint(") == 2
