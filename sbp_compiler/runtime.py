@@ -62,7 +62,8 @@ class LayerPlan:
     dropout_sources: list[int]  # layer inputs holding a dropout probability
     chunk_size: int
     # Every chunk attends to every key, not its prefix (keys selected by top-k, see
-    # ``passes/key_selection``): eager's rows whatever the masks, so none is checked for causality.
+    # ``passes/key_selection``, or a mask computed in the layer): eager's rows whatever the
+    # masks, so none is checked for causality.
     full_keys: bool = False
 
     def unpack(self, tensors, ints):
