@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .fx_utils import refuse_side_effects
-from .grad_mode import GRAD_ENABLED, grad_mode_of, is_grad_switch
+from .grad_mode import GRAD_ENABLED, grad_mode_of, is_grad_switch, switched_to
 
 
 def _is_checkpoint(node: fx.Node) -> bool:
@@ -41,7 +41,7 @@ def inline_checkpoints(gm: fx.GraphModule, mutated=frozenset()) -> bool:
                 if node.op == "placeholder":
                     continue
                 if is_grad_switch(node):  # a no_grad block in the body: its ops are tagged instead
-                    mode = node.args[0] if node.args and isinstance(node.args[0], bool) else None
+                    mode = switched_to(node)
                     continue
                 if node.op == "output":
                     results = node.args[0]

@@ -15,11 +15,18 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .errors import CannotChunk, Reason
+
 GRAD_ENABLED = "streambp_grad_enabled"  # node.meta key: the grad mode the node runs in
 
 
 def is_grad_switch(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch._C._set_grad_enabled
+
+
+def switched_to(switch: fx.Node):
+    """The mode a switch sets: its literal value, or None where it is computed."""
+    return switch.args[0] if switch.args and isinstance(switch.args[0], bool) else None
 
 
 def record_grad_modes(graph: fx.Graph) -> None:
@@ -30,7 +37,7 @@ def record_grad_modes(graph: fx.Graph) -> None:
     for node in graph.nodes:
         node.meta[GRAD_ENABLED] = mode
         if is_grad_switch(node):
-            mode = node.args[0] if node.args and isinstance(node.args[0], bool) else None
+            mode = switched_to(node)
 
 
 def grad_mode_of(node: fx.Node, untagged=True):
@@ -43,8 +50,6 @@ def reproduce_grad_modes(gm: fx.GraphModule, call_mode: bool = True) -> bool:
     ``call_mode``: the mode the op made of ``gm`` is called in; nodes tagged with it run in the
     mode ``gm`` is entered with (no_grad in a chunk's forward, autograd in its recompute), the
     others without autograd, and the mode is back at the end. True if any switch was needed."""
-    from .errors import CannotChunk, Reason
-
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
     modes = {n: grad_mode_of(n, untagged=call_mode) for n in nodes}
     unknown = [n for n in nodes if modes[n] is None]

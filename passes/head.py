@@ -249,10 +249,14 @@ def _extract(region: HeadRegion, outer_labels: dict, is_seq_sized, dynamic, full
         if not isinstance(labels.get(out), tuple) or labels[out].count(S) != 1:
             raise CannotChunk(Reason.HEAD_LAYOUT, f"head output {out.name} has sequence labels {labels.get(out)}")
     rescaled = rescale_shape_arguments(gm, labels, {S: (full_len, chunk_len)})
-    # A loss's no_grad block (per-token weights) stays one; the op runs with autograd if any
-    # output was computed with it (see ``_replace``).
-    reproduce_grad_modes(gm, any(grad_mode_of(o) for o in region.outputs))
+    # A loss's no_grad block (per-token weights) stays one (see ``_replace`` for the call).
+    reproduce_grad_modes(gm, _runs_with_autograd(region))
     return _Extracted(gm, labels, placeholders, outputs, rescaled)
+
+
+def _runs_with_autograd(region: HeadRegion) -> bool:
+    """The head op's grad mode: with autograd if any of its outputs was computed with it."""
+    return any(grad_mode_of(o) for o in region.outputs)
 
 
 def _expr(size) -> sympy.Expr:
@@ -478,7 +482,7 @@ def _replace(gm: fx.GraphModule, region: HeadRegion, op, plan_id: int, tensors: 
     # left the grad mode (a label mask made under no_grad); outputs eager computed without
     # autograd are detached, as they were.
     site = grad_mode_of(last_input.next)
-    wanted = any(grad_mode_of(o) for o in region.outputs)
+    wanted = _runs_with_autograd(region)
     previous = last_input
     if wanted != site:
         with graph.inserting_after(previous):

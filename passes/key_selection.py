@@ -59,7 +59,7 @@ def _selection(topk: fx.Node, layer_inputs: set, is_seq_sized) -> Optional[KeySe
     node = scores_in
     while op_name(node) in _SELECTION_CHAIN:
         if op_name(node) == "matmul":
-            left, right = node.args[:2]
+            right = node.args[1]
             key = _key_of(right, is_seq_sized)
             if key is not None:
                 return KeySelection(topk=topk, scores=node, key=key)

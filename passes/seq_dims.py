@@ -23,9 +23,9 @@ import math
 from typing import Callable, Hashable, Optional, Sequence
 
 import sympy
-from torch.utils._sympy.functions import Min as SymMin
 import torch
 import torch.fx as fx
+from torch.utils._sympy.functions import Min as SymMin
 
 from .errors import CannotChunk, Reason
 from .fx_utils import example, op_name  # noqa: F401  (the analysis's vocabulary; passes import them from here too)
