@@ -13,6 +13,9 @@ Methods, on the same model and data:
   streambp_inductor  the same with ``options={"inner_compiler": "inductor"}`` (chunk subgraphs
                   compiled too)
   streambp:N      streambp with ``options={"chunk_size": N}`` (the default is "auto")
+  streambp_model  the model itself compiled, ``torch.compile(model, backend="streambp",
+                  options={"skip_logits": True})``, called with ``labels=`` (SFT only): the
+                  line a Hugging Face user writes
 
 Objectives (``sbp_compiler.objectives``): ``sft`` (the HF ``labels=`` path), ``dpo`` (pairs of
 sequences of the given length) and ``grpo`` (completions of the given length). The model is a
@@ -43,7 +46,7 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 from sbp_compiler import objectives
 from sbp_compiler.profiling import measure_peak_memory, time_step
 
-METHODS = ("eager", "checkpointing", "budget0", "streambp", "streambp_inductor")
+METHODS = ("eager", "checkpointing", "budget0", "streambp", "streambp_inductor", "streambp_model")
 OBJECTIVES = ("sft", "dpo", "grpo")
 
 
@@ -57,7 +60,8 @@ def method_name(text: str) -> str:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--methods", nargs="+", type=method_name, default=[m for m in METHODS if m != "streambp_inductor"],
+    parser.add_argument("--methods", nargs="+", type=method_name,
+                        default=[m for m in METHODS if m not in ("streambp_inductor", "streambp_model")],
                         help=f"of {METHODS}; streambp:N runs streambp with chunk_size N")
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     parser.add_argument("--hidden-size", type=int, default=256)
@@ -132,6 +136,15 @@ def step_function(method, objective, model):
     def loss(inputs):
         return loss_of(objective, model, inputs)
 
+    if method == "streambp_model":
+        compiled = torch.compile(model, backend="streambp", options={"skip_logits": True})
+
+        def model_loss(inputs):
+            if objective != "sft":
+                raise ValueError("streambp_model runs the labels= path: SFT only")
+            return loss_of(objective, compiled, inputs)
+
+        return model_loss
     if method.startswith("streambp:"):
         return torch.compile(loss, backend="streambp", options={"chunk_size": int(method.partition(":")[2])})
     if method == "streambp":

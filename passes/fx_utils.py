@@ -65,6 +65,17 @@ def ancestors(node: fx.Node, data_only: bool = False) -> set:
     return seen
 
 
+def descendants(node: fx.Node) -> set:
+    """Every node computed from ``node`` (not ``node`` itself)."""
+    seen, stack = set(), [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
 def mutated_argument(node: fx.Node) -> Optional[fx.Node]:
     """The tensor ``node`` writes into in place, or None if it writes nothing."""
     if node.op not in ("call_method", "call_function", "call_module") or not node.args:

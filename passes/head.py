@@ -34,7 +34,7 @@ from sbp_compiler.runtime import register_plan
 
 from .errors import CannotChunk, Reason
 from .find_layers import extract_subgraph
-from .fx_utils import eliminate_dead_code, refuse_side_effects
+from .fx_utils import descendants, eliminate_dead_code, refuse_side_effects
 from .grad_mode import grad_mode_of, record_grad_modes, reproduce_grad_modes
 from .op_arguments import OpArguments
 from .outline import GraphContext
@@ -61,16 +61,6 @@ class HeadRegion:
     outputs: list[fx.Node]
     labels: dict  # strict sequence labels of members and inputs
     stops: list[tuple[str, str]]  # (node, why it stays outside) for users of region values
-
-
-def _descendants(start: fx.Node) -> set:
-    seen, stack = set(), [start]
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
 
 
 def _has_seq(labels) -> bool:
@@ -127,7 +117,7 @@ def _label_by_use(operand: fx.Node, dim: int, labels: dict, is_seq_sized, full_l
 
 
 def _find_head_region(gm, start, labels, is_seq_sized, dynamic, full_length):
-    after = _descendants(start)
+    after = descendants(start)
     order = [n for n in gm.graph.nodes if n in after]
     initial = {n: l for n, l in labels.items() if n not in after}
     strict = SeqDimAnalysis(is_seq_sized=is_seq_sized, refuse_unexplained=dynamic, lenient=True, aligned_only=True,

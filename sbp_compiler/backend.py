@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.debugging import boxed_nop
+from torch._logging import trace_structured
 
 from .autocast import AutocastState
 from .chunk_compiler import compiled_chunk_graph
@@ -37,7 +38,9 @@ def _file_name(name: str, limit: int = 120) -> str:
 
 
 class _Dumper:
-    """Writes each graph as ``NNN_<name>.py`` into the debug directory, and logs it."""
+    """Every graph after every pass, and the report, for people debugging: as tlparse artifacts
+    (``TORCH_TRACE=/dir``, ``torch._logging.trace_structured``), in the ``sbp_compiler.graphs``
+    log (``TORCH_LOGS="+sbp_compiler"``), and as ``NNN_<name>.py`` in the debug directory."""
 
     def __init__(self, config: StreamBPConfig, report: GraphReport):
         self.directory = None
@@ -45,16 +48,36 @@ class _Dumper:
             self.directory = os.path.join(os.fspath(config.debug_dir), f"graph_{report.graph_id:03d}")
             os.makedirs(self.directory, exist_ok=True)
         self.counter = itertools.count()
+        self.graph_id = report.graph_id
+
+    def _artifact(self, name: str, payload: Callable[[], str]) -> None:
+        # The payload is only computed when a structured trace is being written.
+        trace_structured(
+            "artifact",
+            metadata_fn=lambda: {"name": f"streambp_graph_{self.graph_id:03d}_{name}", "encoding": "string"},
+            payload_fn=payload,
+        )
 
     def __call__(self, name: str, gm: fx.GraphModule) -> None:
-        code = gm.print_readable(print_output=False)
-        graph_log.debug("streambp %s:\n%s", name, code)
+        code = None
+
+        def readable() -> str:
+            nonlocal code
+            if code is None:
+                code = gm.print_readable(print_output=False)
+            return code
+
+        index = next(self.counter)  # a pass and a subgraph may share a name ("head")
+        self._artifact(f"{index:03d}_{name}", readable)
+        if graph_log.isEnabledFor(logging.DEBUG):
+            graph_log.debug("streambp %s:\n%s", name, readable())
         if self.directory:
-            path = os.path.join(self.directory, f"{next(self.counter):03d}_{_file_name(name)}.py")
+            path = os.path.join(self.directory, f"{index:03d}_{_file_name(name)}.py")
             with open(path, "w") as f:
-                f.write(code)
+                f.write(readable())
 
     def text(self, name: str, text: str) -> None:
+        self._artifact(name, lambda: text)
         if self.directory:
             with open(os.path.join(self.directory, name), "w") as f:
                 f.write(text + "\n")

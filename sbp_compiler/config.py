@@ -30,6 +30,13 @@ class StreamBPConfig:
                     on the first step, as the chunk shapes settle).
     debug_dir:      if set, every graph after every pass is written there as readable Python
                     (NNN_<name>.py), plus ``report.txt``. Defaults to $STREAMBP_DEBUG_DIR.
+    skip_logits:    False (default): the logits a model returns beside its loss are returned,
+                    so they exist whole (the head's other values stay chunked). True: in a
+                    graph that returns a loss requiring grad (a training step with
+                    ``labels=``), outputs of the head wider per token than the hidden state
+                    (the logits) come back as None and never exist whole, as with Liger
+                    Kernel's ``skip_logits``; graphs under no_grad (evaluation, generation)
+                    and graphs without a loss keep them. The report lists what was dropped.
     disable_passes: names of passes of ``sbp_compiler.pipeline.PASSES`` to skip, for debugging
                     (``("head",)`` keeps the LM head unchunked).
     """
@@ -38,6 +45,7 @@ class StreamBPConfig:
     head_chunk_size: Union[int, str] = "auto"
     inner_compiler: str = "eager"
     debug_dir: Optional[str] = None
+    skip_logits: bool = False
     disable_passes: tuple = ()
 
     def __post_init__(self):
@@ -49,6 +57,8 @@ class StreamBPConfig:
             raise ValueError(
                 f"streambp option inner_compiler must be one of {INNER_COMPILERS}, got {self.inner_compiler!r}"
             )
+        if not isinstance(self.skip_logits, bool):
+            raise ValueError(f"streambp option skip_logits must be True or False, got {self.skip_logits!r}")
         if self.debug_dir is not None and not isinstance(self.debug_dir, (str, os.PathLike)):
             raise ValueError(f"streambp option debug_dir must be a path, got {self.debug_dir!r}")
         from .pipeline import PASS_NAMES

@@ -22,6 +22,7 @@ from passes.functionalize import Functionalized, functionalize
 from passes.fx_utils import restore_graph, snapshot_graph
 from passes.head import outline_head
 from passes.outline import GraphContext, outline_layers
+from passes.returned_logits import skip_returned_logits
 from passes.token_losses import split_token_losses
 
 from .autocast import AutocastState
@@ -65,6 +66,12 @@ def layers_pass(gm: fx.GraphModule, state: PassState) -> None:
         state.report.fallback, state.report.fallback_detail = refusal.reason, refusal.detail
 
 
+def skip_logits_pass(gm: fx.GraphModule, state: PassState) -> None:
+    if not state.config.skip_logits or state.graph is None or state.graph.last_layer_output is None:
+        return
+    state.report.head.skipped_logits = skip_returned_logits(gm, state.graph.last_layer_output, state.graph.full_length)
+
+
 def head_pass(gm: fx.GraphModule, state: PassState) -> None:
     if state.graph is None or state.graph.last_layer_output is None:
         return
@@ -79,6 +86,7 @@ PASSES: list[tuple[str, Callable[[fx.GraphModule, PassState], None]]] = [
     ("functionalize", functionalize_pass),  # in-place writes out of place, so the analyses see the data flow
     ("token_losses", token_losses_pass),  # cross_entropy(reduction=sum|mean) -> per-token losses + sum
     ("layers", layers_pass),  # each decoder layer -> streambp::layer
+    ("skip_logits", skip_logits_pass),  # option skip_logits: returned logits -> None beside a loss
     ("head", head_pass),  # LM head and loss -> streambp::head
 ]
 PASS_NAMES = tuple(name for name, _ in PASSES)

@@ -46,6 +46,7 @@ class HeadDecision:
     stops: list[tuple] = dataclasses.field(default_factory=list)  # (op, why it stays outside)
     rescaled_arguments: int = 0
     gradients_in_forward: bool = False  # the loss sums the output: forward computes the head's gradients
+    skipped_logits: list[str] = dataclasses.field(default_factory=list)  # outputs returned as None (skip_logits)
 
     @property
     def whole_outputs(self) -> list[str]:
@@ -53,8 +54,10 @@ class HeadDecision:
         return [name for name, _, wide in self.outputs if wide]
 
     def __str__(self):
+        skipped = [f"    not returned (option skip_logits): {name}, None in its place" for name in self.skipped_logits]
         if not self.chunked:
-            return f"  head: NOT chunked: {self.reason.value}: {self.detail}" if self.reason else "  head: not analysed"
+            first = f"  head: NOT chunked: {self.reason.value}: {self.detail}" if self.reason else "  head: not analysed"
+            return "\n".join([first] + skipped)
         lines = [
             f"  head: chunked along the sequence, chunk size {self.chunk_size}; {len(self.nodes)} token-wise ops, "
             f"widest {self.widest}, {self.rescaled_arguments} shape arguments rescaled"
@@ -66,11 +69,13 @@ class HeadDecision:
             lines.append("    gradients computed in forward: the loss sums the output, so backward scales them "
                          "instead of recomputing the head")
         lines += [f"    ends at {name}: {why}" for name, why in self.stops]
+        lines += skipped
         for name in self.whole_outputs:
             lines.append(
                 f"    WHOLE: {name} is the head's widest value and leaves it (returned to the caller, or used "
-                "by an op that is not token-wise), so it exists at full length; return only the loss (see "
-                "sbp_compiler.objectives) to keep it chunked"
+                "by an op that is not token-wise), so it exists at full length; options={'skip_logits': True} "
+                "returns None in its place in training steps that compute a loss, or return only the loss (see "
+                "sbp_compiler.objectives)"
             )
         return "\n".join(lines)
 

@@ -146,6 +146,40 @@ def test_returned_logits_exist_and_the_report_says_so():
     assert "WHOLE: logits" in str(report)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+def test_skip_logits_returns_none_beside_the_loss_and_keeps_gradients_exact(arch):
+    """``options={"skip_logits": True}``: the compiled model called with ``labels=`` returns its
+    loss and ``logits=None``; the head is chunked with no whole output; loss and gradients equal
+    eager's (batch 2, padding, lengths 13 and 7 on one compiled model)."""
+    model = float64_throughout(build_model(arch))
+    compiled = torch.compile(model, backend="streambp", options=dict(OPTIONS, skip_logits=True))
+    for length in (13, 7):
+        inputs = batch(length, pad=3)
+        assert_exact(model, compiled, inputs, 1e-10)
+        report = sbp_compiler.last_report()
+        assert_head_chunked(report, whole=[])
+        assert [name.split()[0] for name in report.head.skipped_logits] == ["logits"], report
+        assert "not returned (option skip_logits): logits" in str(report)
+        assert compiled(**inputs).logits is None
+
+
+def test_skip_logits_keeps_the_logits_without_grad_and_without_a_loss():
+    """Evaluation (``torch.no_grad()``) and a call without ``labels=`` return the logits, equal
+    to eager's: only a training step that computes a loss drops them."""
+    model = float64_throughout(build_model("llama"))
+    compiled = torch.compile(model, backend="streambp", options=dict(OPTIONS, skip_logits=True))
+    inputs = batch(13, pad=3)
+    with torch.no_grad():
+        evaluated = compiled(**inputs)
+        reference = model(**inputs)
+    assert torch.allclose(evaluated.logits, reference.logits, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(evaluated.loss, reference.loss, rtol=1e-12, atol=0)
+    unlabelled = {k: v for k, v in inputs.items() if k != "labels"}
+    logits = compiled(**unlabelled).logits
+    assert logits is not None and not sbp_compiler.last_report().head.skipped_logits
+    assert torch.allclose(logits, model(**unlabelled).logits, rtol=1e-12, atol=1e-12)
+
+
 def test_slicing_the_logits_along_the_sequence_keeps_them_whole():
     """``logits[:, :-1]`` (the usual shift) slices along the sequence: the head ends at the
     logits, which are made whole; the slice and what follows run unchunked, exactly."""

@@ -1,5 +1,6 @@
 """Options, the per-graph report, TORCH_LOGS and the debug directory."""
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -30,7 +31,9 @@ def test_auto_chunk_size_in_report():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"chunk": 4}, "valid options are ['chunk_size', 'head_chunk_size', 'inner_compiler', 'debug_dir', 'disable_passes']"),
+    ({"chunk": 4}, "valid options are ['chunk_size', 'head_chunk_size', 'inner_compiler', 'debug_dir', 'skip_logits', "
+                   "'disable_passes']"),
+    ({"skip_logits": "yes"}, "skip_logits must be True or False"),
     ({"chunk_size": 0}, "chunk_size must be a positive int or 'auto'"),
     ({"chunk_size": "8"}, "chunk_size must be a positive int or 'auto'"),
     ({"inner_compiler": "tvm"}, "inner_compiler must be one of ('eager', 'inductor')"),
@@ -81,6 +84,29 @@ def test_torch_logs_shows_report_and_graphs():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2/2 layers chunked" in result.stderr
     assert "streambp model.layers.0.query" in result.stderr
+
+
+def test_tlparse_artifacts(tmp_path):
+    """``TORCH_TRACE`` (what tlparse reads) holds every graph after every pass and the report."""
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, %r)
+        from models import batch, build_model
+        model = build_model("llama")
+        torch.compile(model, backend="streambp", options={"chunk_size": 4})(**batch(6)).loss.backward()
+    """ % os.path.dirname(__file__))
+    env = dict(os.environ, TORCH_TRACE=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trace = "".join(path.read_text() for path in tmp_path.iterdir())
+    names = re.findall(r'"name": "(streambp_graph_[^"]+)"', trace)
+    assert names[0].endswith("_000_dynamo"), names
+    for expected in ("_model.layers.0.kv", "_model.layers.0.query", "_streambp", "_aot_forward", "_aot_backward",
+                     "_report.txt"):
+        assert any(name.endswith(expected) for name in names), (expected, names)
+    assert len(set(names)) == len(names)  # tlparse lists artifacts by name
+    assert "2/2 layers chunked" in trace  # the report's text is the payload
+    assert "torch.ops.streambp.layer.default" in trace
 
 
 def test_backend_found_through_entry_point_without_import():
