@@ -69,6 +69,7 @@ def layers_pass(gm: fx.GraphModule, state: PassState) -> None:
 def skip_logits_pass(gm: fx.GraphModule, state: PassState) -> None:
     if not state.config.skip_logits or state.graph is None or state.graph.last_layer_output is None:
         return
+    state.report.head.skip_logits = True
     state.report.head.skipped_logits = skip_returned_logits(gm, state.graph.last_layer_output, state.graph.full_length)
 
 

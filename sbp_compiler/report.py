@@ -46,6 +46,7 @@ class HeadDecision:
     stops: list[tuple] = dataclasses.field(default_factory=list)  # (op, why it stays outside)
     rescaled_arguments: int = 0
     gradients_in_forward: bool = False  # the loss sums the output: forward computes the head's gradients
+    skip_logits: bool = False  # the option was set
     skipped_logits: list[str] = dataclasses.field(default_factory=list)  # outputs returned as None (skip_logits)
 
     @property
@@ -70,12 +71,16 @@ class HeadDecision:
                          "instead of recomputing the head")
         lines += [f"    ends at {name}: {why}" for name, why in self.stops]
         lines += skipped
+        if self.skip_logits:
+            remedy = ("option skip_logits left it: this graph returns no loss that requires grad (evaluation, "
+                      "generation, or a loss computed outside the compiled code)")
+        else:
+            remedy = ("options={'skip_logits': True} returns None in its place in training steps that compute a "
+                      "loss, or return only the loss (see sbp_compiler.objectives)")
         for name in self.whole_outputs:
             lines.append(
                 f"    WHOLE: {name} is the head's widest value and leaves it (returned to the caller, or used "
-                "by an op that is not token-wise), so it exists at full length; options={'skip_logits': True} "
-                "returns None in its place in training steps that compute a loss, or return only the loss (see "
-                "sbp_compiler.objectives)"
+                f"by an op that is not token-wise), so it exists at full length; {remedy}"
             )
         return "\n".join(lines)
 

@@ -177,6 +177,7 @@ def test_skip_logits_keeps_the_logits_without_grad_and_without_a_loss():
     unlabelled = {k: v for k, v in inputs.items() if k != "labels"}
     logits = compiled(**unlabelled).logits
     assert logits is not None and not sbp_compiler.last_report().head.skipped_logits
+    assert "option skip_logits left it: this graph returns no loss" in str(sbp_compiler.last_report())
     assert torch.allclose(logits, model(**unlabelled).logits, rtol=1e-12, atol=1e-12)
 
 
