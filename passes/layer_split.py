@@ -144,8 +144,11 @@ def _sequence_mixer(layer_gm: fx.GraphModule, placeholders, input_labels, seq_le
     for node, cause in analysis.unknown_causes.items():
         if any(arg in analysis.unknown_causes for arg in node.all_input_nodes):
             continue  # not where it starts
-        stack = node.meta.get("nn_module_stack") or {}
-        module = list(stack.values())[-1][1] if stack else None
+        # The innermost module of the model, past the modules reached through a global: the
+        # ``Func`` wrappers transformers >= 5.25 puts around kernel functions (a causal conv1d).
+        stack = [module for path, module in (node.meta.get("nn_module_stack") or {}).values()
+                 if not str(path).startswith("G[")]
+        module = stack[-1] if stack else None
         module_name = getattr(module, "__name__", str(module).rsplit(".", 1)[-1].rstrip("'>")) if module else "the layer"
         return f"its sequence mixer is {module_name}: {cause}"[:400]
     return "no op mixes positions"

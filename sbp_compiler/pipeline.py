@@ -27,6 +27,7 @@ from passes.token_losses import split_token_losses
 
 from .autocast import AutocastState
 from .config import StreamBPConfig
+from .graph_breaks import CHECKPOINT_SIDE_EFFECT_HINT, checkpoint_side_effect_breaks
 from .report import GraphReport
 
 log = logging.getLogger("sbp_compiler.pipeline")
@@ -63,7 +64,20 @@ def layers_pass(gm: fx.GraphModule, state: PassState) -> None:
                                      state.wrap_subgraph, mutated=mutated, autocast=state.autocast,
                                      plans=state.plans)
     except CannotChunk as refusal:
-        state.report.fallback, state.report.fallback_detail = refusal.reason, refusal.detail
+        detail = refusal.detail
+        if refusal.reason is Reason.NO_REPEATED_LAYERS and checkpoint_side_effect_breaks():
+            detail = f"{detail}; {CHECKPOINT_SIDE_EFFECT_HINT}"
+            _warn_once(CHECKPOINT_SIDE_EFFECT_HINT)
+        state.report.fallback, state.report.fallback_detail = refusal.reason, detail
+
+
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("streambp: %s", message)
 
 
 def skip_logits_pass(gm: fx.GraphModule, state: PassState) -> None:
