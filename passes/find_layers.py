@@ -34,9 +34,11 @@ def _clean_path(path: str) -> str:
     """``model.layers.3`` from Dynamo's source names of a module.
 
     The root is ``L['self']`` or, when the model's forward is wrapped, ``L['args'][0]``
-    (transformers 5.24); submodules appear as ``.name``, ``._modules['name']`` or ``[3]``.
+    (transformers 5.24); submodules appear as ``.name``, ``._modules['name']``,
+    ``.__dict__['_modules']['name']`` (a PEFT model's ``base_model``) or ``[3]``.
     """
     path = re.sub(r"^[LG]\['[^']*'\](\[\d+\])*\.?", "", path)
+    path = re.sub(r"\.?__dict__\['_modules'\]\['([^']*)'\]", r".\1", path)
     path = re.sub(r"\.?_modules\['([^']*)'\]", r".\1", path)
     return re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
 
