@@ -389,8 +389,10 @@ def outline_head(context: GraphContext, chunk_size, decision: HeadDecision) -> N
     decision.chunked = True
     decision.nodes = [n.name for n in region.members if isinstance(example(n), torch.Tensor)]
     decision.widest = f"{widest.name} {tuple(shape_of(widest))}"
+    # An output is reported whole when it is the head's widest value and wider than its input:
+    # one as wide as the hidden state (what TRL's fused LM head reads) costs no more than it.
     decision.outputs = [
-        (n.name, tuple(shape_of(n)), _token_bytes(n, full) >= plan.token_bytes_widest)
+        (n.name, tuple(shape_of(n)), _token_bytes(n, full) >= max(plan.token_bytes_widest, token_bytes_in + 1))
         for n in region.outputs
     ]
     decision.chunk_size = chunk_size if chunk_size != "auto" else (

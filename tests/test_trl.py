@@ -1,0 +1,228 @@
+"""TRL's SFT, DPO and GRPO trainers with the model compiled by streambp: their own losses and
+gradients, equal to the same trainers on the uncompiled model (TRL's code is the oracle).
+
+The route: ``model.compile(backend="streambp")`` before the trainer is built, with
+``gradient_checkpointing=False`` (TRL turns it on by default; streambp recomputes each layer
+anyway). TRL scores tokens with its own fused LM head (``trl.trainer.utils.add_fused_lm_head``:
+chunked log-probs, entropy and top-1 accuracy, never the whole logits); streambp chunks the
+decoder layers under it, in the policy's pass and in the reference pass alike. Float64
+throughout: <= 1e-10.
+"""
+import copy
+import re
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+
+import sbp_compiler
+from models import VOCAB, build_model, float64_throughout, max_relative_error
+
+OPTIONS = {"chunk_size": 4}
+TOLERANCE = 1e-10
+COMMON = dict(report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True, seed=0,
+              gradient_checkpointing=False, logging_steps=1, learning_rate=1e-3)
+
+
+def tokenizer():
+    """A word-level tokenizer over the test vocabulary ("t0" .. "t95"), built offline."""
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    backend = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="t1"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", eos_token="t2", unk_token="t1")
+
+
+def words(generator, count):
+    return " ".join(f"t{int(i)}" for i in torch.randint(3, VOCAB, (count,), generator=generator))
+
+
+class Gradients(TrainerCallback):
+    """The gradients each optimizer step applies."""
+
+    def __init__(self, model):
+        self.model, self.steps = model, []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.steps.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None})
+
+
+def policy(compiled, seed=0):
+    model = float64_throughout(build_model("llama", seed=seed))
+    if compiled:
+        model.compile(backend="streambp", options=OPTIONS)
+    return model
+
+
+def logged(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def assert_close(reference, candidate, tolerance=TOLERANCE):
+    assert len(reference) == len(candidate) > 0, (reference, candidate)
+    for ref, got in zip(reference, candidate):
+        assert abs(got - ref) <= tolerance * max(abs(ref), 1e-12), (reference, candidate)
+
+
+def chunked_training_graphs(start):
+    return [r for r in sbp_compiler.reports()[start:] if len(r.chunked_layers) == 2]
+
+
+def grads_of(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# -- SFT -------------------------------------------------------------------------------------
+
+def sft_data():
+    g = torch.Generator().manual_seed(0)
+    return Dataset.from_list([{"prompt": words(g, 4 + i % 3), "completion": " " + words(g, 6 + i % 4)}
+                              for i in range(8)])
+
+
+def sft_trainer(tmp_path, compiled):
+    model = policy(compiled)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     **COMMON)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=sft_data(), processing_class=tokenizer())
+    gradients = Gradients(model)
+    trainer.add_callback(gradients)
+    return trainer, gradients
+
+
+def test_sft_trainer_losses_metrics_and_gradients(tmp_path):
+    reference, reference_grads = sft_trainer(tmp_path / "eager", compiled=False)
+    reference.train()
+    start = len(sbp_compiler.reports())
+    trainer, grads = sft_trainer(tmp_path / "streambp", compiled=True)
+    trainer.train()
+    for key in ("loss", "entropy", "mean_token_accuracy"):  # TRL's metrics come from its fused head
+        assert_close(logged(reference, key), logged(trainer, key))
+    for ref, got in zip(reference_grads.steps, grads.steps, strict=True):
+        assert max_relative_error(ref, got) <= TOLERANCE
+    assert chunked_training_graphs(start), "\n".join(map(str, sbp_compiler.reports()[start:]))
+
+
+# -- DPO -------------------------------------------------------------------------------------
+
+def dpo_loss_types():
+    """Every loss type TRL's DPOConfig documents (15 in TRL 1.16)."""
+    text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    return re.findall(r"`'(\w+)'`", text.partition("Possible values are:")[2].partition(". If")[0])
+
+
+def dpo_data():
+    g = torch.Generator().manual_seed(0)
+    return Dataset.from_list([{"prompt": words(g, 4 + i), "chosen": " " + words(g, 6 + i % 3),
+                               "rejected": " " + words(g, 3 + 2 * (i % 2))} for i in range(4)])
+
+
+def dpo_trainer(tmp_path, compiled):
+    model = policy(compiled)
+    reference = float64_throughout(build_model("llama", seed=1))  # differs from the policy: log-ratios != 0
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, label_smoothing=0.1, **COMMON)
+    return DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=dpo_data(), processing_class=tokenizer())
+
+
+def test_dpo_every_loss_type(tmp_path):
+    types = dpo_loss_types()
+    assert {"sigmoid", "ipo", "hinge", "robust", "exo_pair", "apo_zero", "discopop", "sigmoid_norm"} <= set(types), types
+    reference, trainer = dpo_trainer(tmp_path / "eager", False), dpo_trainer(tmp_path / "streambp", True)
+    inputs = next(iter(reference.get_train_dataloader()))
+    start = len(sbp_compiler.reports())
+    # sigmoid twice: TRL's sigmoid ignores label smoothing (robust and exo_pair use it)
+    for loss_type, smoothing in [(t, 0.1) for t in types] + [("sigmoid", 0.0)]:
+        results = []
+        for t in (reference, trainer):
+            t.loss_types, t.loss_weights, t.label_smoothing = [loss_type], [1.0], smoothing
+            t.model.zero_grad(set_to_none=True)
+            loss = t.compute_loss(t.model, dict(inputs))
+            loss.backward()
+            results.append((loss.item(), grads_of(t.model)))
+        (ref_loss, ref_grads), (loss, grads) = results
+        assert_close([ref_loss], [loss])
+        error = max_relative_error(ref_grads, grads)
+        assert error <= TOLERANCE, f"{loss_type}: gradient error {error:.2e}"
+    assert chunked_training_graphs(start), "\n".join(map(str, sbp_compiler.reports()[start:]))
+
+
+# -- GRPO ------------------------------------------------------------------------------------
+
+def reward(completions, **kwargs):
+    return [float(len(c) % 7) for c in completions]
+
+
+def grpo_data():
+    g = torch.Generator().manual_seed(0)
+    return Dataset.from_list([{"prompt": words(g, 4 + i % 3)} for i in range(8)])
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """GRPO builds its reference model from the policy's path: a saved random model."""
+    path = tmp_path_factory.mktemp("grpo") / "model"
+    build_model("llama").save_pretrained(path)
+    return path
+
+
+def grpo_trainer(tmp_path, saved_model, compiled, **overrides):
+    model = float64_throughout(AutoModelForCausalLM.from_pretrained(saved_model, dtype=torch.float64))
+    if compiled:
+        model.compile(backend="streambp", options=OPTIONS)
+    fields = dict(COMMON, per_device_train_batch_size=4, num_generations=2, max_completion_length=6, max_steps=2,
+                  gradient_accumulation_steps=2, beta=0.1)
+    args = GRPOConfig(output_dir=str(tmp_path), **dict(fields, **overrides))
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=grpo_data(),
+                          processing_class=tokenizer())
+    gradients = Gradients(model)
+    trainer.add_callback(gradients)
+    return trainer, gradients
+
+
+def test_grpo_generates_with_the_compiled_model_and_trains_exactly(tmp_path, saved_model):
+    """Generation (``use_cache=True``, no grad) runs on the compiled model object; the training
+    graphs after it are chunked; 2 steps, gradient accumulation 2, beta > 0 with TRL's default
+    KL bias correction, the default loss (dapo)."""
+    reference, reference_grads = grpo_trainer(tmp_path / "eager", saved_model, compiled=False)
+    reference.train()
+    start = len(sbp_compiler.reports())
+    trainer, grads = grpo_trainer(tmp_path / "streambp", saved_model, compiled=True)
+    trainer.train()
+    assert trainer.args.use_bias_correction_kl and trainer.loss_type == "dapo"
+    for key in ("loss", "kl", "entropy", "reward"):
+        assert_close(logged(reference, key), logged(trainer, key))
+    for ref, got in zip(reference_grads.steps, grads.steps, strict=True):
+        assert max_relative_error(ref, got) <= TOLERANCE
+    assert chunked_training_graphs(start), "\n".join(map(str, sbp_compiler.reports()[start:]))
+
+
+GRPO_LOSS_TYPES = [("grpo", {}), ("bnpo", {}), ("dr_grpo", {}), ("dapo", {}), ("cispo", {}), ("sapo", {}),
+                   ("luspo", {"importance_sampling_level": "sequence"}), ("vespo", {})]
+
+
+def test_grpo_every_loss_type_on_one_generated_batch(tmp_path, saved_model):
+    """Each loss type's loss and gradients on the same generated batch (generated once, by the
+    uncompiled trainer), under gradient accumulation 2 (TRL divides grpo/bnpo/dr_grpo by it)."""
+    reference, _ = grpo_trainer(tmp_path / "eager", saved_model, compiled=False)
+    trainer, _ = grpo_trainer(tmp_path / "streambp", saved_model, compiled=True)
+    rows = next(iter(reference.get_train_dataloader()))
+    torch.manual_seed(0)
+    inputs = reference._generate_and_score_completions(rows)
+    start = len(sbp_compiler.reports())
+    for loss_type, settings in GRPO_LOSS_TYPES:
+        results = []
+        for t in (reference, trainer):
+            t.loss_type = loss_type
+            for name, value in dict({"importance_sampling_level": "token"}, **settings).items():
+                setattr(t, name, value)
+            t.model.zero_grad(set_to_none=True)
+            loss = t.compute_loss(t.model, dict(inputs))
+            loss.backward()
+            results.append((loss.item(), grads_of(t.model)))
+        (ref_loss, ref_grads), (loss, grads) = results
+        assert_close([ref_loss], [loss])
+        error = max_relative_error(ref_grads, grads)
+        assert error <= TOLERANCE, f"{loss_type}: gradient error {error:.2e}"
+    assert chunked_training_graphs(start), "\n".join(map(str, sbp_compiler.reports()[start:]))
