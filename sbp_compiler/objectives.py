@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES_DPO = ("sigmoid", "ipo", "hinge")
+LOSS_TYPES_DPO = ("sigmoid", "ipo", "hinge", "robust")
 LOSS_TYPES_GRPO = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
@@ -154,15 +154,26 @@ def dpo_loss(
     log-probabilities (IPO: divided by the completion lengths) and
     ``h = (pi_c - pi_r) - (ref_c - ref_r)``, per pair:
 
-    - ``sigmoid``: ``-(1 - s) log sigmoid(beta h) - s log sigmoid(-beta h)``, ``s = label_smoothing``;
+    - ``sigmoid``: ``-log sigmoid(beta h)``;
     - ``ipo``: ``(h - 1 / (2 beta))^2``;
     - ``hinge``: ``relu(1 - beta h)``;
+    - ``robust``: ``(-(1 - s) log sigmoid(beta h) + s log sigmoid(-beta h)) / (1 - 2 s)``,
+      ``s = label_smoothing`` (robust DPO: preference labels flipped with probability ``s``);
 
-    and the loss is the mean over pairs. Reference log-probabilities are taken as given, or
+    and the loss is the mean over pairs: TRL 1.16's formulas. TRL's ``sigmoid`` has no label
+    smoothing (older TRL's conservative DPO did), so ``label_smoothing`` is accepted only with
+    ``robust``; TRL's other loss types run through its own ``DPOTrainer`` on a model compiled
+    by streambp (README, "TRL"). Reference log-probabilities are taken as given, or
     computed here from ``reference_model`` under ``torch.no_grad()`` (compile that call too, e.g.
     ``torch.compile(preference_logprobs, backend="streambp")``, to keep its logits chunked)."""
     if loss_type not in LOSS_TYPES_DPO:
-        raise ValueError(f"dpo_loss: loss_type must be one of {LOSS_TYPES_DPO}, got {loss_type!r}")
+        raise ValueError(f"dpo_loss: loss_type must be one of {LOSS_TYPES_DPO}, got {loss_type!r} (TRL's other "
+                         "loss types: its DPOTrainer on the model compiled by streambp)")
+    if label_smoothing != 0.0 and loss_type != "robust":
+        raise ValueError(f"dpo_loss: label_smoothing={label_smoothing} has no meaning for loss_type={loss_type!r} "
+                         "(TRL 1.16's sigmoid has no smoothing): use loss_type='robust'")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"dpo_loss: label_smoothing must lie in [0, 0.5), got {label_smoothing}")
     masks = (chosen_completion_mask, rejected_completion_mask, chosen_attention_mask, rejected_attention_mask)
     if ref_chosen_logps is None or ref_rejected_logps is None:
         if reference_model is None:
@@ -177,7 +188,10 @@ def dpo_loss(
         policy_r, ref_r = policy_r / rejected_lengths, ref_r / rejected_lengths
     h = (policy_c - policy_r) - (ref_c - ref_r)
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+        losses = -F.logsigmoid(beta * h)
+    elif loss_type == "robust":
+        s = label_smoothing
+        losses = (-(1 - s) * F.logsigmoid(beta * h) + s * F.logsigmoid(-beta * h)) / (1 - 2 * s)
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     else:
@@ -198,7 +212,8 @@ def grpo_loss(
     old_logps: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None, beta: float = 0.0,
     epsilon_low: float = 0.2, epsilon_high: Optional[float] = None, temperature: float = 1.0,
     loss_type: str = "dapo", max_completion_length: Optional[int] = None,
-    num_items_in_batch: Optional[Tensor] = None,
+    num_items_in_batch: Optional[Tensor] = None, use_bias_correction_kl: bool = True,
+    gradient_accumulation_steps: int = 1,
 ) -> Tensor:
     """Group Relative Policy Optimization (TRL ``GRPOTrainer``, token-level importance sampling).
 
@@ -209,20 +224,32 @@ def grpo_loss(
     ``temperature``, per selected token:
 
         ratio = exp(logp - old_logps)
-        loss_t = -min(ratio * A, clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * A)
-                 + beta * (exp(ref_logps - logp) - (ref_logps - logp) - 1)
+        kl_t = exp(ref_logps - logp) - (ref_logps - logp) - 1, times ratio if use_bias_correction_kl
+        loss_t = -min(ratio * A, clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * A) + beta * kl_t
 
-    aggregated by ``loss_type``, with ``m`` the selected tokens:
+    aggregated by ``loss_type``, with ``m`` the selected tokens and ``G`` the
+    ``gradient_accumulation_steps`` of a training step:
 
-    - ``grpo``: mean over sequences of ``sum_t(loss_t m) / max(1, sum_t m)``;
-    - ``bnpo``: ``sum(loss_t m) / max(1, sum(m))``;
-    - ``dr_grpo``: ``sum(loss_t m) / (B * max_completion_length)`` (default: T);
+    - ``grpo``: mean over sequences of ``sum_t(loss_t m) / max(1, sum_t m)``, over ``G``;
+    - ``bnpo``: ``sum(loss_t m) / max(1, sum(m))``, over ``G``;
+    - ``dr_grpo``: ``sum(loss_t m) / (B * max_completion_length)``, over ``G`` (the generation's
+      ``max_completion_length``, required);
     - ``dapo``: ``sum(loss_t m) / num_items_in_batch`` (the selected tokens of the whole
-      accumulated batch; default: ``sum(m)``)."""
+      accumulated batch; default: ``sum(m)``).
+
+    TRL 1.16's ``GRPOTrainer`` formulas for these types, its defaults included
+    (``use_bias_correction_kl=True``: the KL term weighted by the importance ratio, the unbiased
+    reverse-KL gradient); its other loss types run through its own trainer on a model compiled
+    by streambp (README, "TRL")."""
     if loss_type not in LOSS_TYPES_GRPO:
         raise ValueError(f"grpo_loss: loss_type must be one of {LOSS_TYPES_GRPO}, got {loss_type!r}")
     if beta != 0.0 and ref_logps is None:
         raise ValueError("grpo_loss: beta != 0 needs ref_logps")
+    if loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("grpo_loss: dr_grpo divides by B x max_completion_length: pass the generation's "
+                         "max_completion_length")
+    if not (isinstance(gradient_accumulation_steps, int) and gradient_accumulation_steps >= 1):
+        raise ValueError(f"grpo_loss: gradient_accumulation_steps must be a positive int, got {gradient_accumulation_steps!r}")
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     selected = _selected(completion_mask, attention_mask, input_ids).to(advantages.dtype)
     logps = token_logprobs(model, input_ids, attention_mask, temperature)
@@ -232,12 +259,13 @@ def grpo_loss(
     per_token = -torch.min(ratio * advantages[:, None], clipped * advantages[:, None])
     if beta != 0.0:
         delta = ref_logps - logps
-        per_token = per_token + beta * (torch.exp(delta) - delta - 1)
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * (kl * ratio if use_bias_correction_kl else kl)
     masked = per_token * selected
     if loss_type == "grpo":
-        return (masked.sum(-1) / selected.sum(-1).clamp(min=1.0)).mean()
+        return (masked.sum(-1) / selected.sum(-1).clamp(min=1.0)).mean() / gradient_accumulation_steps
     if loss_type == "bnpo":
-        return masked.sum() / selected.sum().clamp(min=1.0)
+        return masked.sum() / selected.sum().clamp(min=1.0) / gradient_accumulation_steps
     if loss_type == "dr_grpo":
-        return masked.sum() / (input_ids.shape[0] * (max_completion_length or input_ids.shape[1]))
+        return masked.sum() / (input_ids.shape[0] * max_completion_length) / gradient_accumulation_steps
     return masked.sum() / (num_items_in_batch if num_items_in_batch is not None else selected.sum())

@@ -37,7 +37,11 @@ def reference_dpo(model, chosen, rejected, ref_c, ref_r, beta, loss_type, label_
         pc, pr, ref_c, ref_r = pc / lc, pr / lr, ref_c / lc, ref_r / lr
     h = (pc - pr) - (ref_c - ref_r)
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+        losses = -F.logsigmoid(beta * h)
+    elif loss_type == "robust":
+        clean = -(1 - label_smoothing) * F.logsigmoid(beta * h)
+        flipped = -label_smoothing * F.logsigmoid(-beta * h)
+        losses = (clean - flipped) / (1 - 2 * label_smoothing)
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     else:
@@ -46,7 +50,7 @@ def reference_dpo(model, chosen, rejected, ref_c, ref_r, beta, loss_type, label_
 
 
 def reference_grpo(model, ids, attention, completion, advantages, old, ref, beta, eps_low, eps_high, temperature,
-                   loss_type, max_completion_length, num_items):
+                   loss_type, max_completion_length, num_items, accumulation=1, bias_correction=True):
     logps = reference_token_logps(model, ids, attention, temperature)
     mask = (attention * completion)[:, 1:].to(logps.dtype)
     old = logps.detach() if old is None else old[:, 1:]
@@ -55,13 +59,14 @@ def reference_grpo(model, ids, attention, completion, advantages, old, ref, beta
     per_token = -torch.min(ratio * advantages[:, None], clipped * advantages[:, None])
     if beta:
         delta = ref[:, 1:] - logps
-        per_token = per_token + beta * (torch.exp(delta) - delta - 1)
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * (kl * ratio if bias_correction else kl)
     if loss_type == "grpo":
-        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
     if loss_type == "bnpo":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
     if loss_type == "dr_grpo":
-        return (per_token * mask).sum() / (per_token.size(0) * max_completion_length)
+        return (per_token * mask).sum() / (per_token.size(0) * max_completion_length) / accumulation
     return (per_token * mask).sum() / num_items
 
 
@@ -129,7 +134,7 @@ def test_sft_matches_the_hf_labels_path(model, num_items):
                                         **extra).loss, step)
 
 
-@pytest.mark.parametrize("loss_type, label_smoothing", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0), ("hinge", 0.0)])
+@pytest.mark.parametrize("loss_type, label_smoothing", [("sigmoid", 0.0), ("robust", 0.1), ("ipo", 0.0), ("hinge", 0.0)])
 def test_dpo(model, loss_type, label_smoothing):
     """Batch of 2 pairs; chosen and rejected of unequal lengths, with padding."""
     chosen = sequences([13, 10], prompt=4, seed=2)
@@ -160,12 +165,14 @@ def test_dpo_with_a_reference_model(model):
     assert torch.allclose(given.loss, computed.loss, rtol=TOLERANCE, atol=0)
 
 
-@pytest.mark.parametrize("loss_type, beta, off_policy", [
-    ("grpo", 0.0, False), ("bnpo", 0.04, True), ("dr_grpo", 0.0, True), ("dapo", 0.04, True),
+@pytest.mark.parametrize("loss_type, beta, off_policy, accumulation, bias_correction", [
+    ("grpo", 0.0, False, 1, True), ("bnpo", 0.04, True, 2, True), ("dr_grpo", 0.0, True, 2, True),
+    ("dapo", 0.04, True, 1, True), ("grpo", 0.04, True, 2, False),
 ])
-def test_grpo(model, loss_type, beta, off_policy):
+def test_grpo(model, loss_type, beta, off_policy, accumulation, bias_correction):
     """Batch 2 with unequal completion lengths and padding; separate low/high epsilons,
-    temperature, KL to reference log-probs, old log-probs (off-policy) or none (on-policy)."""
+    temperature, KL to reference log-probs (importance-weighted, TRL's default, or not), old
+    log-probs (off-policy) or none (on-policy), gradient accumulation."""
     ids, attention, completion = sequences([13, 9], prompt=5, seed=6)
     g = torch.Generator().manual_seed(7)
     advantages = torch.randn(2, generator=g, dtype=torch.float64)
@@ -178,11 +185,14 @@ def test_grpo(model, loss_type, beta, off_policy):
 
     def ours():
         return objectives.grpo_loss(model, ids, completion, advantages, attention, old_logps=old, ref_logps=ref,
-                                    max_completion_length=10, num_items_in_batch=num_items, **settings)
+                                    max_completion_length=10, num_items_in_batch=num_items,
+                                    gradient_accumulation_steps=accumulation, use_bias_correction_kl=bias_correction,
+                                    **settings)
 
     step = torch.compile(ours, backend="streambp", options=OPTIONS)
     assert_matches(model, lambda: reference_grpo(
-        model, ids, attention, completion, advantages, old, ref, beta, 0.2, 0.28, 0.7, loss_type, 10, num_items), step)
+        model, ids, attention, completion, advantages, old, ref, beta, 0.2, 0.28, 0.7, loss_type, 10, num_items,
+        accumulation, bias_correction), step)
 
 
 def test_bad_loss_types_are_clear_errors(model):
@@ -193,6 +203,12 @@ def test_bad_loss_types_are_clear_errors(model):
         objectives.grpo_loss(model, ids, completion, torch.zeros(2), attention, beta=0.1)
     with pytest.raises(ValueError, match="reference_model"):
         objectives.dpo_loss(model, ids, ids, completion, completion)
+    with pytest.raises(ValueError, match="use loss_type='robust'"):
+        objectives.dpo_loss(model, ids, ids, completion, completion, reference_model=model, label_smoothing=0.1)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        objectives.grpo_loss(model, ids, completion, torch.zeros(2), attention, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        objectives.grpo_loss(model, ids, completion, torch.zeros(2), attention, gradient_accumulation_steps=0)
 
 
 def test_dpo_without_attention_masks_on_new_lengths(model):

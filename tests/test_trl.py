@@ -60,10 +60,12 @@ def logged(trainer, key):
     return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
-def assert_close(reference, candidate, tolerance=TOLERANCE):
+def assert_close(reference, candidate, tolerance=TOLERANCE, floor=1e-12):
+    """Relative to each value, or to ``floor`` where the value is about 0 (an on-policy GRPO loss
+    is 0 up to rounding: its gradients are what is compared)."""
     assert len(reference) == len(candidate) > 0, (reference, candidate)
     for ref, got in zip(reference, candidate):
-        assert abs(got - ref) <= tolerance * max(abs(ref), 1e-12), (reference, candidate)
+        assert abs(got - ref) <= tolerance * max(abs(ref), floor), (reference, candidate)
 
 
 def chunked_training_graphs(start):
@@ -198,6 +200,15 @@ def test_grpo_generates_with_the_compiled_model_and_trains_exactly(tmp_path, sav
     assert chunked_training_graphs(start), "\n".join(map(str, sbp_compiler.reports()[start:]))
 
 
+def training_mode(trainer):
+    """The state ``trainer.train()`` sets before its first step, for calling ``compute_loss``
+    directly: the model in training mode (``from_pretrained`` returns it in eval mode, where
+    TRL skips its gradient-accumulation scaling) and the accumulation steps of the step."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    return trainer
+
+
 GRPO_LOSS_TYPES = [("grpo", {}), ("bnpo", {}), ("dr_grpo", {}), ("dapo", {}), ("cispo", {}), ("sapo", {}),
                    ("luspo", {"importance_sampling_level": "sequence"}), ("vespo", {})]
 
@@ -205,8 +216,8 @@ GRPO_LOSS_TYPES = [("grpo", {}), ("bnpo", {}), ("dr_grpo", {}), ("dapo", {}), ("
 def test_grpo_every_loss_type_on_one_generated_batch(tmp_path, saved_model):
     """Each loss type's loss and gradients on the same generated batch (generated once, by the
     uncompiled trainer), under gradient accumulation 2 (TRL divides grpo/bnpo/dr_grpo by it)."""
-    reference, _ = grpo_trainer(tmp_path / "eager", saved_model, compiled=False)
-    trainer, _ = grpo_trainer(tmp_path / "streambp", saved_model, compiled=True)
+    reference = training_mode(grpo_trainer(tmp_path / "eager", saved_model, compiled=False)[0])
+    trainer = training_mode(grpo_trainer(tmp_path / "streambp", saved_model, compiled=True)[0])
     rows = next(iter(reference.get_train_dataloader()))
     torch.manual_seed(0)
     inputs = reference._generate_and_score_completions(rows)
@@ -226,3 +237,72 @@ def test_grpo_every_loss_type_on_one_generated_batch(tmp_path, saved_model):
         error = max_relative_error(ref_grads, grads)
         assert error <= TOLERANCE, f"{loss_type}: gradient error {error:.2e}"
     assert chunked_training_graphs(start), "\n".join(map(str, sbp_compiler.reports()[start:]))
+
+
+# -- sbp_compiler.objectives against TRL's own loss code ---------------------------------------
+# For a loop of one's own, ``sbp_compiler.objectives`` has the common loss types; on TRL's batch
+# they equal TRL's trainers (eager both: the compiled objectives equal the eager ones,
+# tests/test_objectives.py). TRL's fused head accumulates its log-softmax in float32 whatever the
+# model's dtype, so these comparisons hold at float32 precision.
+FLOAT32_TOLERANCE = 1e-5
+
+@pytest.mark.parametrize("loss_type, smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1)])
+def test_objectives_dpo_equals_trl(tmp_path, loss_type, smoothing):
+    from sbp_compiler import objectives
+
+    trainer = dpo_trainer(tmp_path, compiled=False)
+    trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = [loss_type], [1.0], smoothing
+    inputs = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    trl_loss = trainer.compute_loss(model, dict(inputs))
+    trl_loss.backward()
+    trl_grads = grads_of(model)
+
+    pairs = inputs["input_ids"].shape[0] // 2
+    ids, attention, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+    model.zero_grad(set_to_none=True)
+    ours = objectives.dpo_loss(model, ids[:pairs], ids[pairs:], completion[:pairs], completion[pairs:],
+                               attention[:pairs], attention[pairs:], reference_model=trainer.ref_model,
+                               beta=trainer.beta, loss_type=loss_type, label_smoothing=smoothing).loss
+    ours.backward()
+    assert_close([trl_loss.item()], [ours.item()], FLOAT32_TOLERANCE)
+    assert max_relative_error(trl_grads, grads_of(model)) <= FLOAT32_TOLERANCE
+
+
+def test_objectives_grpo_equals_trl(tmp_path, saved_model):
+    """grpo, bnpo, dr_grpo and dapo, beta > 0 with TRL's KL bias correction, gradient
+    accumulation 2, on a batch TRL generated (left-padded prompts, completions of unequal length)."""
+    from sbp_compiler import objectives
+
+    trainer = training_mode(grpo_trainer(tmp_path, saved_model, compiled=False)[0])
+    rows = next(iter(trainer.get_train_dataloader()))
+    torch.manual_seed(0)
+    inputs = trainer._generate_and_score_completions(rows)
+    assert inputs.get("old_per_token_logps") is None  # on-policy: TRL uses the current log-probs, detached
+    prompt, completion = inputs["prompt_mask"], inputs["completion_mask"]
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([prompt, completion], dim=1)
+    completion_mask = torch.cat([torch.zeros_like(prompt), completion], dim=1)
+    ref_logps = torch.nn.functional.pad(inputs["ref_per_token_logps"], (prompt.shape[1], 0))  # aligned with ids
+    accumulation = trainer.current_gradient_accumulation_steps
+    assert accumulation == 2 and trainer.beta > 0 and trainer.args.use_bias_correction_kl
+    model = trainer.model
+    for loss_type in objectives.LOSS_TYPES_GRPO:
+        trainer.loss_type = loss_type
+        model.zero_grad(set_to_none=True)
+        trl_loss = trainer.compute_loss(model, dict(inputs))
+        trl_loss.backward()
+        trl_grads = grads_of(model)
+        model.zero_grad(set_to_none=True)
+        ours = objectives.grpo_loss(
+            model, ids, completion_mask, inputs["advantages"], attention, ref_logps=ref_logps, beta=trainer.beta,
+            epsilon_low=trainer.epsilon_low, epsilon_high=trainer.epsilon_high, temperature=trainer.temperature,
+            loss_type=loss_type, max_completion_length=trainer.max_completion_length,
+            num_items_in_batch=inputs["num_items_in_batch"], gradient_accumulation_steps=accumulation)
+        ours.backward()
+        # On-policy, the loss is a sum of O(1) terms -A * ratio that cancel over each group (to
+        # float32 rounding in TRL's value): compared at that scale; the gradients do not cancel.
+        assert_close([trl_loss.item()], [ours.item()], FLOAT32_TOLERANCE, floor=1.0)
+        error = max_relative_error(trl_grads, grads_of(model))
+        assert error <= FLOAT32_TOLERANCE, f"{loss_type}: gradient error {error:.2e}"
