@@ -43,22 +43,36 @@ def _clean_path(path: str) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", path).lstrip(".")
 
 
-def _layer_key(node: fx.Node):
-    """(stack prefix, index, call) of the outermost indexed module ``node`` ran in.
+_ROOT = re.compile(r"^[LG]\['(?P<name>[^']*)'\]")
 
+
+def _layer_key(node: fx.Node):
+    """((root, stack prefix), index, call) of the outermost indexed module ``node`` ran in.
+
+    ``root`` names the object the path starts from (``model`` and ``ref`` for two models in one
+    graph: a policy and its reference), so that two models' ``model.layers.0`` stay apart.
     ``call`` counts the calls of that module in the graph: Dynamo keys a module's second call
-    ``<id>@1`` (a looped or weight-shared block, as Dory's recurrent layers): each call is a
-    layer of its own, or one region would span the layers called in between."""
+    ``<id>@1`` (a looped or weight-shared block, as Dory's recurrent layers, or one model run
+    twice): each call is a layer of its own, or one region would span the layers called in
+    between."""
     for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
         match = _INDEXED.match(_clean_path(path))
         if match:
+            root = _ROOT.match(str(path))
             call = str(key).partition("@")[2]
-            return match["prefix"], int(match["index"]), int(call) if call.isdigit() else 0
+            return ((root["name"] if root else ""), match["prefix"]), int(match["index"]), int(call) if call.isdigit() else 0
     return None
 
 
 def _layer_path(prefix: str, index: int, call: int) -> str:
     return f"{prefix}.{index}" if call == 0 else f"{prefix}.{index}@{call}"
+
+
+def _same_stack_elsewhere(main, stacks):
+    """The main stack, and the stacks of the same path under other roots: the decoder of a second
+    model in the graph (a DPO reference beside its policy), chunked as well."""
+    (root, prefix), _ = main
+    return [main] + [item for item in stacks if item[0][1] == prefix and item[0][0] != root]
 
 
 def is_size_arithmetic(node: fx.Node, memo: dict) -> bool:
@@ -108,7 +122,7 @@ def _rows_of_a_table(node: fx.Node, memo: dict) -> bool:
 
 
 def find_layer_regions(gm: fx.GraphModule) -> list[LayerRegion]:
-    groups: dict[str, dict[tuple[int, int], list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[tuple[str, str], dict[tuple[int, int], list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
     scalars: dict = {}
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module") or is_size_arithmetic(node, scalars):
@@ -129,11 +143,14 @@ def find_layer_regions(gm: fx.GraphModule) -> list[LayerRegion]:
                           "splits a model at graph breaks, each piece is a graph of its own: TORCH_LOGS=graph_breaks "
                           "shows where)")
     # The decoder stack is the repeated block with the most ops in total.
-    prefix, layers = max(stacks, key=lambda item: sum(len(n) for n in item[1].values()))
+    chosen = _same_stack_elsewhere(max(stacks, key=lambda item: sum(len(n) for n in item[1].values())), stacks)
+    named = len(chosen) > 1  # two models: their layers are named from their roots
+    found = [(f"{root}.{prefix}" if named and root else prefix, key, nodes)
+             for (root, prefix), layers in chosen for key, nodes in layers.items()]
     # In the order the graph runs them (a looped block's calls interleave with the others').
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    keys = sorted(layers, key=lambda k: order[layers[k][0]])
-    return [region_of(_layer_path(prefix, *key), layers[key]) for key in keys]
+    found.sort(key=lambda item: order[item[2][0]])
+    return [region_of(_layer_path(prefix, *key), nodes) for prefix, key, nodes in found]
 
 
 def region_of(path: str, nodes: list[fx.Node]) -> LayerRegion:

@@ -165,6 +165,25 @@ def test_dpo_with_a_reference_model(model):
     assert torch.allclose(given.loss, computed.loss, rtol=TOLERANCE, atol=0)
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_with_its_reference_pass_in_the_same_graph(model, loss_type):
+    """``dpo_loss(..., reference_model=ref)`` compiled as one step: one graph runs the reference
+    (under no_grad) and the policy, two models with the same layer paths; the layers of both
+    passes are chunked, named from their models, and the policy's head too; exact."""
+    reference_model = float64_throughout(build_model("qwen3", seed=5)).requires_grad_(False)
+    chosen = sequences([13, 10], prompt=4, seed=2)
+    rejected = sequences([9, 11], prompt=4, seed=3)
+
+    def step():
+        return objectives.dpo_loss(model, chosen[0], rejected[0], chosen[2], rejected[2], chosen[1], rejected[1],
+                                   reference_model=reference_model, loss_type=loss_type).loss
+
+    assert_matches(model, step, torch.compile(step, backend="streambp", options=OPTIONS))
+    paths = [layer.path for layer in sbp_compiler.last_report().layers]
+    assert paths == ["reference_model.model.layers.0", "reference_model.model.layers.1",
+                     "model.model.layers.0", "model.model.layers.1"], paths
+
+
 @pytest.mark.parametrize("loss_type, beta, off_policy, accumulation, bias_correction", [
     ("grpo", 0.0, False, 1, True), ("bnpo", 0.04, True, 2, True), ("dr_grpo", 0.0, True, 2, True),
     ("dapo", 0.04, True, 1, True), ("grpo", 0.04, True, 2, False),
