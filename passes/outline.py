@@ -23,6 +23,7 @@ from sbp_compiler.runtime import (
 )
 
 from .checkpoint import inline_checkpoints
+from .constant_sizes import static_length
 from .errors import CannotChunk, Reason
 from .grad_mode import grad_mode_of, record_grad_modes, reproduce_grad_modes, without_gradient_path
 from .find_layers import LayerRegion, extract_subgraph, find_layer_regions, is_size_arithmetic, region_of
@@ -96,8 +97,11 @@ def _several_outputs(outputs: list[fx.Node]) -> str:
         return f"{tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
     text = f"{len(outputs)} values leave the layer: " + ", ".join(f"{n.name} {kind(n)}" for n in outputs[:6])
-    cache_like = [n for n in outputs if isinstance(example(n), torch.Tensor) and example(n).dim() == 4]
-    if len(cache_like) >= 2:
+    tensors = [example(n) for n in outputs if isinstance(example(n), torch.Tensor)]
+    cache_like = [v for v in tensors if v.dim() == 4]
+    if tensors and not any(v.requires_grad for v in tensors):
+        text += " (an inference step, as in generate(), with autograd off: no backward to chunk; it runs as traced)"
+    elif len(cache_like) >= 2:
         text += " (with use_cache=True each layer also returns its K/V cache: call the model with use_cache=False for training)"
     elif any("router" in n.name for n in outputs):
         text += (" (output_router_logits=True: each layer's router logits leave it for the load-balancing loss, "
@@ -250,7 +254,7 @@ def outline_layers(
     regions = find_layer_regions(gm)
     record_grad_modes(gm.graph)
     layer_output = _layer_output_example(regions)
-    seq_len = layer_output.shape[-2]
+    seq_len = static_length(layer_output.shape[-2])
     dynamic = isinstance(seq_len, torch.SymInt)
     report.dynamic = dynamic
     report.sequence_length = str(seq_len.node.expr) if dynamic else str(seq_len)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch.fx as fx
 
+from passes.constant_sizes import fold_constant_sizes
 from passes.errors import CannotChunk, Reason
 from passes.functionalize import Functionalized, functionalize
 from passes.fx_utils import restore_graph, snapshot_graph
@@ -45,6 +46,10 @@ class PassState:
     functionalized: Optional[Functionalized] = None
     graph: Optional[GraphContext] = None  # set by the layer pass, read by the head pass
     plans: list = dataclasses.field(default_factory=list)  # the plans of the chunked ops: owned by the compiled graph
+
+
+def constant_sizes_pass(gm: fx.GraphModule, state: PassState) -> None:
+    state.report.folded_sizes = fold_constant_sizes(gm)
 
 
 def functionalize_pass(gm: fx.GraphModule, state: PassState) -> None:
@@ -99,6 +104,8 @@ def head_pass(gm: fx.GraphModule, state: PassState) -> None:
 
 PASSES: list[tuple[str, Callable[[fx.GraphModule, PassState], None]]] = [
     ("functionalize", functionalize_pass),  # in-place writes out of place, so the analyses see the data flow
+    # After functionalize, which tells aliases apart by the fake values' storages (made anew here).
+    ("constant_sizes", constant_sizes_pass),  # sizes Dynamo's guards pin to a value -> ints, as in a static graph
     ("token_losses", token_losses_pass),  # cross_entropy(reduction=sum|mean) -> per-token losses + sum
     ("layers", layers_pass),  # each decoder layer -> streambp::layer
     ("skip_logits", skip_logits_pass),  # option skip_logits: returned logits -> None beside a loss

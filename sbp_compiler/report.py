@@ -95,6 +95,7 @@ class GraphReport:
     head: HeadDecision = dataclasses.field(default_factory=HeadDecision)
     fallback: Optional[Reason] = None  # whole-graph fallback
     fallback_detail: str = ""
+    folded_sizes: list[str] = dataclasses.field(default_factory=list)  # size nodes pinned to a value, made ints
     functionalized: list[str] = dataclasses.field(default_factory=list)  # in-place writes made out of place
     in_place: dict = dataclasses.field(default_factory=dict)  # writes left in place -> why
     autocast: str = "off"  # the autocast state the chunk subgraphs run under
@@ -122,6 +123,8 @@ class GraphReport:
             lines.append(f"  whole graph runs unchunked: {self.fallback.value}: {self.fallback_detail}")
         if self.autocast != "off":
             lines.append(f"  autocast: {self.autocast} (chunk subgraphs run under it)")
+        if self.folded_sizes:
+            lines.append(f"  sizes Dynamo traced as symbols but pinned to one value, folded to ints: {len(self.folded_sizes)}")
         if self.functionalized:
             lines.append(f"  in-place writes made out of place: {', '.join(self.functionalized)}")
         for name, why in self.in_place.items():

@@ -119,6 +119,28 @@ def test_use_cache_true_is_refused_with_a_hint():
     assert "use_cache=False" in report.fallback_detail
 
 
+def test_generate_on_the_compiled_model_then_train():
+    """GRPO's loop on one model object compiled in place: greedy ``generate()`` (K/V cache,
+    autograd off) runs as traced and equals eager's tokens, its report says why nothing was
+    chunked; the training step after it is chunked and exact."""
+    import copy
+
+    model = float64_throughout(build_model("llama"))
+    reference = copy.deepcopy(model)
+    model.compile(backend="streambp", options={"chunk_size": 4})
+    prompt = batch(6, batch_size=2)["input_ids"]
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        generated, expected = model.generate(prompt, **settings), reference.generate(prompt, **settings)
+    assert torch.equal(generated, expected)
+    assert any("an inference step" in r.fallback_detail for r in sbp_compiler.reports()), sbp_compiler.last_report()
+    inputs = batch(11, pad=2)
+    _, reference_grads = loss_and_grads(reference, reference, inputs)
+    _, grads = loss_and_grads(model, model, inputs)
+    assert max_relative_error(reference_grads, grads) <= 1e-10
+    assert len(sbp_compiler.last_report().chunked_layers) == 2, str(sbp_compiler.last_report())
+
+
 # transformers >= 5.25 sets a Python variable in every attention call (the ``kernels`` package),
 # a side effect Dynamo refuses under torch.utils.checkpoint unless told it need not replay it in
 # backward; the user's setting, made here for these tests only.
