@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
 VOCAB = 96
 
@@ -159,3 +159,13 @@ def assert_exact(model, compiled, inputs, tolerance, reference=None):
     assert torch.allclose(loss, ref_loss, rtol=tolerance, atol=0), (loss, ref_loss)
     error = max_relative_error(ref_grads, grads)
     assert error <= tolerance, f"max relative gradient error {error:.3e}"
+
+
+class Gradients(TrainerCallback):
+    """A Trainer callback keeping the gradients each optimizer step is about to apply."""
+
+    def __init__(self, model):
+        self.model, self.steps = model, []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.steps.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None})

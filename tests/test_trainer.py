@@ -10,9 +10,9 @@ resumed from a checkpoint.
 import torch
 
 import sbp_compiler
-from models import batch, build_model, max_relative_error
+from models import Gradients, batch, build_model, max_relative_error
 
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 OPTIONS = {"chunk_size": 8, "head_chunk_size": 8, "skip_logits": True}
 TOLERANCE = 1e-5
@@ -32,16 +32,6 @@ class Rows(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.rows[i]
-
-
-class Gradients(TrainerCallback):
-    """The gradients the optimizer is about to apply, at every optimizer step."""
-
-    def __init__(self, model):
-        self.model, self.steps = model, []
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.steps.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None})
 
 
 def arguments(output_dir, **overrides):

@@ -8,18 +8,17 @@ chunked log-probs, entropy and top-1 accuracy, never the whole logits); streambp
 decoder layers under it, in the policy's pass and in the reference pass alike. Float64
 throughout: <= 1e-10.
 """
-import copy
 import re
 
 import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 import sbp_compiler
-from models import VOCAB, build_model, float64_throughout, max_relative_error
+from models import VOCAB, Gradients, build_model, float64_throughout, max_relative_error
 
 OPTIONS = {"chunk_size": 4}
 TOLERANCE = 1e-10
@@ -37,16 +36,6 @@ def tokenizer():
 
 def words(generator, count):
     return " ".join(f"t{int(i)}" for i in torch.randint(3, VOCAB, (count,), generator=generator))
-
-
-class Gradients(TrainerCallback):
-    """The gradients each optimizer step applies."""
-
-    def __init__(self, model):
-        self.model, self.steps = model, []
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.steps.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None})
 
 
 def policy(compiled, seed=0):
@@ -74,6 +63,21 @@ def chunked_training_graphs(start):
 
 def grads_of(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def trainer_step(trainer, inputs):
+    """(loss, gradients) of the trainer's own ``compute_loss`` on ``inputs``."""
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, dict(inputs))
+    loss.backward()
+    return loss.item(), grads_of(trainer.model)
+
+
+def assert_equal_steps(reference, trainer, inputs, name):
+    (reference_loss, reference_grads), (loss, grads) = trainer_step(reference, inputs), trainer_step(trainer, inputs)
+    assert_close([reference_loss], [loss])
+    error = max_relative_error(reference_grads, grads)
+    assert error <= TOLERANCE, f"{name}: gradient error {error:.2e}"
 
 
 # -- SFT -------------------------------------------------------------------------------------
@@ -136,17 +140,9 @@ def test_dpo_every_loss_type(tmp_path):
     start = len(sbp_compiler.reports())
     # sigmoid twice: TRL's sigmoid ignores label smoothing (robust and exo_pair use it)
     for loss_type, smoothing in [(t, 0.1) for t in types] + [("sigmoid", 0.0)]:
-        results = []
         for t in (reference, trainer):
             t.loss_types, t.loss_weights, t.label_smoothing = [loss_type], [1.0], smoothing
-            t.model.zero_grad(set_to_none=True)
-            loss = t.compute_loss(t.model, dict(inputs))
-            loss.backward()
-            results.append((loss.item(), grads_of(t.model)))
-        (ref_loss, ref_grads), (loss, grads) = results
-        assert_close([ref_loss], [loss])
-        error = max_relative_error(ref_grads, grads)
-        assert error <= TOLERANCE, f"{loss_type}: gradient error {error:.2e}"
+        assert_equal_steps(reference, trainer, inputs, loss_type)
     assert chunked_training_graphs(start), "\n".join(map(str, sbp_compiler.reports()[start:]))
 
 
@@ -223,19 +219,11 @@ def test_grpo_every_loss_type_on_one_generated_batch(tmp_path, saved_model):
     inputs = reference._generate_and_score_completions(rows)
     start = len(sbp_compiler.reports())
     for loss_type, settings in GRPO_LOSS_TYPES:
-        results = []
         for t in (reference, trainer):
             t.loss_type = loss_type
             for name, value in dict({"importance_sampling_level": "token"}, **settings).items():
                 setattr(t, name, value)
-            t.model.zero_grad(set_to_none=True)
-            loss = t.compute_loss(t.model, dict(inputs))
-            loss.backward()
-            results.append((loss.item(), grads_of(t.model)))
-        (ref_loss, ref_grads), (loss, grads) = results
-        assert_close([ref_loss], [loss])
-        error = max_relative_error(ref_grads, grads)
-        assert error <= TOLERANCE, f"{loss_type}: gradient error {error:.2e}"
+        assert_equal_steps(reference, trainer, inputs, loss_type)
     assert chunked_training_graphs(start), "\n".join(map(str, sbp_compiler.reports()[start:]))
 
 
