@@ -146,6 +146,26 @@ def test_dpo_every_loss_type(tmp_path):
     assert chunked_training_graphs(start), "\n".join(map(str, sbp_compiler.reports()[start:]))
 
 
+def test_dpo_with_lora_and_the_adapter_off_as_reference(tmp_path):
+    """The usual QLoRA-style DPO: a PEFT policy, no reference model (TRL disables the adapter for
+    the reference pass); both passes chunked, loss and LoRA gradients equal."""
+    from peft import LoraConfig, get_peft_model
+
+    def lora_trainer(path, compiled):
+        model = get_peft_model(float64_throughout(build_model("llama")), LoraConfig(
+            target_modules="all-linear", r=4, lora_dropout=0.0, init_lora_weights=False)).to(torch.float64)
+        if compiled:
+            model.compile(backend="streambp", options=OPTIONS)
+        args = DPOConfig(output_dir=str(path), per_device_train_batch_size=4, **COMMON)
+        return DPOTrainer(model=model, args=args, train_dataset=dpo_data(), processing_class=tokenizer())
+
+    reference, trainer = lora_trainer(tmp_path / "eager", False), lora_trainer(tmp_path / "streambp", True)
+    assert trainer.ref_model is None
+    start = len(sbp_compiler.reports())
+    assert_equal_steps(reference, trainer, next(iter(reference.get_train_dataloader())), "lora")
+    assert len(chunked_training_graphs(start)) >= 2  # the policy's pass and the reference's
+
+
 # -- GRPO ------------------------------------------------------------------------------------
 
 def reward(completions, **kwargs):
