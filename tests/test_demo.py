@@ -80,6 +80,18 @@ def test_benchmark_script(tmp_path, capsys):
     assert len(points) == 2 * 3 * 2 and all(p["peak_bytes"] > 0 for p in points)
 
 
+def test_trainer_benchmark_script(tmp_path, capsys):
+    module = load_script(EXAMPLES.parent / "benchmarks" / "trainer_memory.py")
+    json_path = tmp_path / "trainer.json"
+    module.main(["--length", "96", "--methods", "checkpointing", "streambp", "--hidden-size", "64", "--layers", "2",
+                 "--vocab-size", "2048", "--json", str(json_path)])
+    out = capsys.readouterr().out
+    assert "| checkpointing |" in out and "| streambp |" in out, out
+    results = json.loads(json_path.read_text())["results"]
+    # The logits (96 x 2048 floats) are the largest activation here: streambp keeps none whole.
+    assert results["streambp"]["peak_bytes"] < results["checkpointing"]["peak_bytes"], results
+
+
 def test_benchmark_confirmation_run(capsys):
     module = load_script(EXAMPLES.parent / "benchmarks" / "memory_and_time.py")
     module.main(["--lengths", "64", "128", "--methods", "checkpointing", "streambp", "--objectives", "sft",
