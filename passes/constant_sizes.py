@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .fx_utils import eliminate_dead_code, example, fake_mode_of
+from .fx_utils import eliminate_dead_code, fake_mode_of
 
 
 def _constant(value):
@@ -48,15 +48,15 @@ def fold_constant_sizes(gm: fx.GraphModule) -> list[str]:
     fake_mode = fake_mode_of(gm.graph)
     for node in list(gm.graph.nodes):
         key = "example_value" if "example_value" in node.meta else "val"
-        value = node.meta.get(key)
-        if fake_mode is not None and (_pinned_sizes(value) or isinstance(value, (tuple, list))):
-            node.meta[key] = _concrete(value, fake_mode)
-        if node.op == "placeholder" or not _constant(example(node)):
+        recorded = node.meta.get(key)
+        if isinstance(recorded, (torch.Tensor, tuple, list)):
+            node.meta[key] = _concrete(recorded, fake_mode)
+        if node.op == "placeholder" or not _constant(recorded):
             continue
-        value = int(example(node))
+        size = int(recorded)
         for user in list(node.users):
-            user.args = fx.node.map_arg(user.args, lambda n: value if n is node else n)
-            user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is node else n)
+            user.args = fx.node.map_arg(user.args, lambda n: size if n is node else n)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda n: size if n is node else n)
         folded.append(node.name)
     if folded:
         eliminate_dead_code(gm.graph)

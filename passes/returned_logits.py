@@ -41,19 +41,11 @@ def skip_returned_logits(gm: fx.GraphModule, last_layer_output: fx.Node, full_le
         return []
     width = _per_token_elements(hidden, full_length)
 
-    def tensor_after(value):
-        return isinstance(value, fx.Node) and value in after and isinstance(example(value), torch.Tensor)
-
-    losses = [
-        v for v in returned
-        if tensor_after(v) and example(v).dim() == 0 and example(v).is_floating_point() and example(v).requires_grad
-    ]
-    if not losses:
-        return []
-    wide = {
-        v for v in returned
-        if tensor_after(v) and example(v).dim() >= 2 and _per_token_elements(example(v), full_length) > width
-    }
+    computed = {v: example(v) for v in returned
+                if isinstance(v, fx.Node) and v in after and isinstance(example(v), torch.Tensor)}
+    if not any(t.dim() == 0 and t.is_floating_point() and t.requires_grad for t in computed.values()):
+        return []  # no loss to train with: the caller needs the logits
+    wide = {v for v, t in computed.items() if t.dim() >= 2 and _per_token_elements(t, full_length) > width}
     if not wide:
         return []
     output.args = (type(returned)(None if v in wide else v for v in returned),)
