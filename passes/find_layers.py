@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from .errors import CannotChunk, Reason
+from .fx_utils import op_name
 
 _INDEXED = re.compile(r"^(?P<prefix>.+)\.(?P<index>\d+)$")
 
@@ -139,6 +140,9 @@ def find_layer_regions(gm: fx.GraphModule) -> list[LayerRegion]:
     # repeats. A wrong pick is safe: the block's own analysis refuses what is not a causal layer.
     stacks = [(key, layers) for key, layers in groups.items() if len(layers) >= 2] or list(groups.items())
     if not stacks:
+        whole = whole_graph_layer(gm, scalars)
+        if whole is not None:
+            return [whole]
         raise CannotChunk(Reason.NO_REPEATED_LAYERS, "no ModuleList of decoder blocks in this graph (where Dynamo "
                           "splits a model at graph breaks, each piece is a graph of its own: TORCH_LOGS=graph_breaks "
                           "shows where)")
@@ -151,6 +155,45 @@ def find_layer_regions(gm: fx.GraphModule) -> list[LayerRegion]:
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     found.sort(key=lambda item: order[item[2][0]])
     return [region_of(_layer_path(prefix, *key), nodes) for prefix, key, nodes in found]
+
+
+# The name of the region that is a whole graph: each decoder layer compiled as a graph of its own
+# (an FSDP2 unit, whose hooks break the graph around it, or ``layer.compile()`` per layer); one
+# such graph serves every layer of the same code.
+WHOLE_GRAPH_LAYER = "layer (the whole graph)"
+
+
+def _attention_like(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and (
+        "scaled_dot_product_attention" in op_name(node) or op_name(node) == "softmax")
+
+
+def _graph_outputs(gm: fx.GraphModule) -> list:
+    leaves: list = []
+    fx.node.map_aggregate(gm.graph.output_node().args, leaves.append)
+    return leaves
+
+
+def whole_graph_layer(gm: fx.GraphModule, scalars: dict) -> "LayerRegion | None":
+    """The graph itself as one decoder layer, where no ModuleList appears in it: it computes
+    attention and returns one tensor shaped like one of its (non-parameter) inputs, the hidden
+    state. A wrong pick is safe, as for found blocks: the region's own analysis refuses what is
+    not a causal layer."""
+    outputs = _graph_outputs(gm)
+    out = outputs[0].meta.get("example_value") if len(outputs) == 1 and isinstance(outputs[0], fx.Node) else None
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        return None
+    hidden_inputs = [
+        n for n in gm.graph.nodes if n.op == "placeholder"
+        and isinstance(v := n.meta.get("example_value"), torch.Tensor) and not isinstance(v, torch.nn.Parameter)
+        and v.shape == out.shape and v.dtype == out.dtype
+    ]
+    if not hidden_inputs or not any(_attention_like(n) for n in gm.graph.nodes):
+        return None
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")
+             and not is_size_arithmetic(n, scalars) and not _positions_from_sizes(n, scalars)
+             and not _rows_of_a_table(n, scalars)]
+    return region_of(WHOLE_GRAPH_LAYER, nodes)
 
 
 def region_of(path: str, nodes: list[fx.Node]) -> LayerRegion:

@@ -317,6 +317,10 @@ def _rows_per_token(node: fx.Node, full_length: int) -> int:
     return max(1, math.prod(shape[:-1]) // max(1, full_length))
 
 
+# Ops that project the hidden state (to the vocabulary, in an LM head).
+PROJECTIONS = frozenset({"linear", "matmul", "mm", "bmm", "einsum", "addmm"})
+
+
 def outline_head(context: GraphContext, chunk_size, decision: HeadDecision) -> None:
     """Rewrite the head region of ``context.gm``, after ``context.last_layer_output``, into one
     ``streambp::head`` call, in place."""
@@ -338,6 +342,10 @@ def outline_head(context: GraphContext, chunk_size, decision: HeadDecision) -> N
     ]
     if not inside:
         raise CannotChunk(Reason.HEAD_NOTHING_INSIDE, f"every value computed after {start.name} leaves the head")
+    if context.head_only and not any(op_name(n) in PROJECTIONS for n in region.members):
+        # A graph of its own that starts at a hidden state and projects nothing (a final norm
+        # that Dynamo split off): chunking it saves nothing.
+        raise CannotChunk(Reason.HEAD_NOTHING_INSIDE, f"no projection (an LM head) after {start.name}")
     extracted = _extract(region, context.labels, context.is_seq_sized, context.dynamic, full)
     seq_len = shape_of(start)[region.labels[start].index(S)]
     layouts = _layouts(extracted, _expr(seq_len), full)

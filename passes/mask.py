@@ -33,6 +33,7 @@ class MaskBuilder:
     inputs: list[fx.Node]  # outer-graph values the builder reads
     query_sources: list[str]
     key_sources: list[str]
+    given: bool = False  # the mask is a graph input, whole: the builder takes its chunk's view
 
 
 def build_mask_builder(mask: fx.Node, outer_labels: dict, is_seq_sized, mutated=frozenset(), seq_length=None) -> MaskBuilder:
@@ -42,6 +43,8 @@ def build_mask_builder(mask: fx.Node, outer_labels: dict, is_seq_sized, mutated=
         # gradient at all.
         raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{mask.name} is computed from trained parameters "
                           "(a learned score bias): a mask rebuilt per chunk would pass them no gradient")
+    if mask.op == "placeholder":
+        return _given_mask_builder(mask, outer_labels, seq_length)
     seen = ancestors(mask)
     cone = [n for n in mask.graph.nodes if n in seen]
     inputs = [n for n in cone if n.op == "placeholder"]
@@ -107,3 +110,23 @@ def build_mask_builder(mask: fx.Node, outer_labels: dict, is_seq_sized, mutated=
             raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{node.name}: query and key positions combined in one axis")
     rescale_shape_arguments(builder, chunk_result, {Q: (full_len, q_len), K: (full_len, kv_len)})
     return MaskBuilder(builder, inputs, sorted(query_sources), sorted(key_sources))
+
+
+def _given_mask_builder(mask: fx.Node, outer_labels: dict, seq_length) -> MaskBuilder:
+    """A mask the graph receives whole (built in another graph: an FSDP2 unit or a layer compiled
+    on its own gets the (B, 1, T, T) mask its model built before the layers): the chunk's rows
+    and key prefix are a view of it. It exists at full size already; nothing is built here."""
+    labels = outer_labels.get(mask)
+    shape = shape_of(mask)
+    if not isinstance(labels, tuple) or len(labels) < 2 or any(l for l in labels[:-2]):
+        raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{mask.name}: sequence axes are not its last two dims")
+    key_only = labels[-2] is None and size_hint(shape[-2]) == 1
+    lengths_ok = size_hint(shape[-1]) == seq_length and (key_only or size_hint(shape[-2]) == seq_length)
+    if labels[-1] is None or not (key_only or labels[-2] is not None) or not lengths_ok:
+        raise CannotChunk(Reason.MASK_UNSUPPORTED, f"{mask.name} {tuple(shape)}: not a (.., T, T) mask nor a (.., 1, T) key bias")
+    graph = fx.Graph()
+    whole = placeholders_for(graph, [mask])[mask]
+    _full_len, q_start, q_len, kv_len = (graph.placeholder(n) for n in ("full_len", "q_start", "q_len", "kv_len"))
+    rows = whole if key_only else graph.call_function(torch.narrow, (whole, -2, q_start, q_len))
+    graph.output(graph.call_function(torch.narrow, (rows, -1, 0, kv_len)))
+    return MaskBuilder(fx.GraphModule({}, graph), [mask], [] if key_only else [mask.name], [mask.name], given=True)

@@ -87,6 +87,7 @@ class GraphContext:
     last_layer_output: Optional[fx.Node] = None  # the node now standing for it
     length: object = None  # the sequence length as the graph has it: an int, or a SymInt when dynamic
     plans: list = dataclasses.field(default_factory=list)  # every plan made for this graph: its compiled code keeps them
+    head_only: bool = False  # no layers: the head starts at a graph input (see ``head_only_context``)
 
 
 def _several_outputs(outputs: list[fx.Node]) -> str:
@@ -233,6 +234,59 @@ def _compare_with_original(plan, region, layer_gm, mask_values, arguments, value
             raise CannotChunk(Reason.PROBE_MISMATCH, f"gradient of {node.name} against the original layer: {why}")
 
 
+def _graph_context(gm, example_inputs, hidden: torch.Tensor, chunk_size, report: GraphReport, wrap_subgraph,
+                   mutated, autocast, plans) -> GraphContext:
+    """The graph's sequence length (dim -2 of ``hidden``, a (.., T, hidden) value), chunk size and
+    sequence labels of every value."""
+    seq_len = static_length(hidden.shape[-2])
+    dynamic = isinstance(seq_len, torch.SymInt)
+    report.dynamic = dynamic
+    report.sequence_length = str(seq_len.node.expr) if dynamic else str(seq_len)
+    if not dynamic and seq_len < 2:
+        raise CannotChunk(Reason.SHORT_SEQUENCE, f"static length {seq_len}")
+    if chunk_size == "auto":
+        chunk_size = auto_chunk_size(size_hint(hidden.shape[-1]))
+    report.chunk_size = chunk_size
+    is_seq_sized = seq_sized_predicate(seq_len)
+    labels, unknown_causes = sequence_labels(gm, example_inputs, is_seq_sized, size_hint(seq_len))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return GraphContext(
+        gm=gm,
+        labels=labels,
+        unknown_causes=unknown_causes,
+        is_seq_sized=is_seq_sized,
+        dynamic=dynamic,
+        full_length=size_hint(seq_len),
+        length=seq_len,
+        chunk_size=chunk_size,
+        real_inputs=dict(zip(placeholders, example_inputs)),
+        wrap_subgraph=wrap_subgraph,
+        mutated=frozenset(mutated),
+        autocast=autocast,
+        plans=plans if plans is not None else [],
+    )
+
+
+def head_only_context(gm: fx.GraphModule, example_inputs, chunk_size, report: GraphReport, wrap_subgraph,
+                      mutated=frozenset(), autocast: AutocastState = AutocastState(()),
+                      plans: Optional[list] = None) -> Optional[GraphContext]:
+    """A graph without decoder layers whose head starts at one of its inputs: the hidden state
+    that an earlier graph computed (the loss of an FSDP2 root unit, after the layers' graphs).
+    The input is the one float, non-parameter (.., T, hidden) tensor that requires grad; the head
+    pass then proves what follows token-wise, as after a layer. None if there is no such input."""
+    candidates = [
+        node for node, value in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)
+        if isinstance(value, torch.Tensor) and not _is_parameter_or_buffer(node, value)
+        and value.is_floating_point() and value.requires_grad and value.dim() >= 2
+    ]
+    if len(candidates) != 1:
+        return None
+    context = _graph_context(gm, example_inputs, example(candidates[0]), chunk_size, report, wrap_subgraph,
+                             mutated, autocast, plans)
+    context.last_layer_output, context.head_only = candidates[0], True
+    return context
+
+
 def outline_layers(
     gm: fx.GraphModule,
     example_inputs,
@@ -254,34 +308,8 @@ def outline_layers(
     regions = find_layer_regions(gm)
     record_grad_modes(gm.graph)
     layer_output = _layer_output_example(regions)
-    seq_len = static_length(layer_output.shape[-2])
-    dynamic = isinstance(seq_len, torch.SymInt)
-    report.dynamic = dynamic
-    report.sequence_length = str(seq_len.node.expr) if dynamic else str(seq_len)
-    if not dynamic and seq_len < 2:
-        raise CannotChunk(Reason.SHORT_SEQUENCE, f"static length {seq_len}")
-    if chunk_size == "auto":
-        chunk_size = auto_chunk_size(size_hint(layer_output.shape[-1]))
-    report.chunk_size = chunk_size
-    is_seq_sized = seq_sized_predicate(seq_len)
-    labels, unknown_causes = sequence_labels(gm, example_inputs, is_seq_sized, size_hint(seq_len))
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    context = GraphContext(
-        gm=gm,
-        labels=labels,
-        unknown_causes=unknown_causes,
-        is_seq_sized=is_seq_sized,
-        dynamic=dynamic,
-        full_length=size_hint(seq_len),
-        length=seq_len,
-        chunk_size=chunk_size,
-        real_inputs=dict(zip(placeholders, example_inputs)),
-        wrap_subgraph=wrap_subgraph,
-        mutated=frozenset(mutated),
-        autocast=autocast,
-        plans=plans if plans is not None else [],
-    )
-
+    context = _graph_context(gm, example_inputs, layer_output, chunk_size, report, wrap_subgraph, mutated,
+                             autocast, plans)
     for region in regions:
         decision = LayerDecision(path=region.path, chunked=False)
         report.layers.append(decision)
@@ -365,6 +393,16 @@ def _check_plain_input(node: fx.Node, node_labels, context: GraphContext) -> Non
         if label is not None and (not is_plain(label) or size_hint(shape[dim]) != context.full_length):
             raise CannotChunk(Reason.LAYER_INPUT_UNKNOWN,
                               f"{node.name} {tuple(shape)}: its sequence dim {dim} is merged with other dims")
+
+
+def _mask_text(built) -> str:
+    if built.given:
+        shape = tuple(size_hint(d) for d in example(built.inputs[0]).shape)
+        return (f"given whole to this graph ({built.inputs[0].name} {shape}, built in another graph), "
+                "a view of it per chunk")
+    if built.query_sources:
+        return f"rebuilt per chunk (query sources {built.query_sources}, key sources {built.key_sources})"
+    return f"key bias rebuilt per chunk (key sources {built.key_sources})"
 
 
 def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDecision) -> fx.Node:
@@ -457,8 +495,6 @@ def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDeci
     decision.attention = " + ".join(kinds)  # two for differential attention
     decision.keys, decision.keys_reason = ("all", split.full_keys) if split.full_keys else ("prefix", "")
     decision.mask = "lower-right causal (built per chunk)" if not builders else "; ".join(
-        f"rebuilt per chunk (query sources {built.query_sources}, key sources {built.key_sources})"
-        if built.query_sources else f"key bias rebuilt per chunk (key sources {built.key_sources})"
-        for built, _ in builders)
+        _mask_text(built) for built, _ in builders)
     decision.rescaled_arguments = split.rescaled_arguments
     return call

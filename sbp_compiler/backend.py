@@ -21,7 +21,8 @@ from torch._logging import trace_structured
 from .autocast import AutocastState
 from .chunk_compiler import compiled_chunk_graph
 from .config import StreamBPConfig
-from .pipeline import PassState, run_passes
+from .layer_pieces import DDP_OPTIMIZER_HINT, compile_layer_pieces, is_ddp_optimizer_piece, wants_layer_pieces
+from .pipeline import PassState, run_passes, warn_once
 from .report import GraphReport, new_report
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,9 @@ def _owned(compiled, plans: list):
     return compiled
 
 
-def _inner_compile(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, example_inputs, plans: list):
+def _compile_graph(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, example_inputs, plans: list,
+                   piece: str = ""):
+    """``gm`` through AOTAutograd with the inner compiler; its compiled code owns ``plans``."""
     if config.inner_compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
@@ -123,8 +126,24 @@ def _inner_compile(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, ex
 
         return compiler
 
-    compiled = aot_autograd(fw_compiler=keep("aot_forward"), bw_compiler=keep("aot_backward"))(gm, example_inputs)
+    compiled = aot_autograd(fw_compiler=keep(f"aot_forward{piece}"), bw_compiler=keep(f"aot_backward{piece}"))(
+        gm, example_inputs)
     return _owned(compiled, plans)
+
+
+def _inner_compile(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, example_inputs, plans: list,
+                   report: GraphReport):
+    if not wants_layer_pieces(gm):
+        return _compile_graph(config, dump, gm, example_inputs, plans)
+    counter = itertools.count()
+
+    def compile_piece(piece: fx.GraphModule, inputs):
+        return _compile_graph(config, dump, piece, inputs, plans, piece=f"_piece_{next(counter)}")
+
+    pieces = compile_layer_pieces(gm, example_inputs, compile_piece)
+    report.pieces = len(pieces.meta["partition_names"])
+    dump("pieces", pieces)
+    return _owned(pieces, plans)
 
 
 def _subgraph_runner(config: StreamBPConfig, dump: _Dumper, autocast: AutocastState) -> Callable[[str, fx.GraphModule], Callable]:
@@ -149,9 +168,15 @@ def streambp(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None)
     dump("dynamo", gm)
     autocast = AutocastState.current()
     report.autocast = str(autocast)
+    if is_ddp_optimizer_piece(gm):
+        report.scope = "a piece of a graph cut by Dynamo's DDPOptimizer at DDP's bucket boundaries; "
     state = PassState(config, report, list(example_inputs), _subgraph_runner(config, dump, autocast), autocast)
     run_passes(gm, state, dump)
+    if is_ddp_optimizer_piece(gm) and (report.fallback or len(report.chunked_layers) < len(report.layers)):
+        report.hints.append(DDP_OPTIMIZER_HINT)
+        warn_once(DDP_OPTIMIZER_HINT)
     dump("streambp", gm)
+    compiled = _inner_compile(config, dump, gm, example_inputs, state.plans, report)
     dump.text("report.txt", str(report))
     log.info("%s", report)
-    return _inner_compile(config, dump, gm, example_inputs, state.plans)
+    return compiled

@@ -22,7 +22,8 @@ from passes.errors import CannotChunk, Reason
 from passes.functionalize import Functionalized, functionalize
 from passes.fx_utils import restore_graph, snapshot_graph
 from passes.head import outline_head
-from passes.outline import GraphContext, outline_layers
+from passes.find_layers import WHOLE_GRAPH_LAYER
+from passes.outline import GraphContext, head_only_context, outline_layers
 from passes.returned_logits import skip_returned_logits
 from passes.token_losses import split_token_losses
 
@@ -69,17 +70,41 @@ def layers_pass(gm: fx.GraphModule, state: PassState) -> None:
                                      state.wrap_subgraph, mutated=mutated, autocast=state.autocast,
                                      plans=state.plans)
     except CannotChunk as refusal:
+        if refusal.reason is Reason.NO_REPEATED_LAYERS and _head_only(gm, state):
+            return
         detail = refusal.detail
         if refusal.reason is Reason.NO_REPEATED_LAYERS and checkpoint_side_effect_breaks():
             detail = f"{detail}; {CHECKPOINT_SIDE_EFFECT_HINT}"
-            _warn_once(CHECKPOINT_SIDE_EFFECT_HINT)
+            warn_once(CHECKPOINT_SIDE_EFFECT_HINT)
         state.report.fallback, state.report.fallback_detail = refusal.reason, detail
+        return
+    if [layer.path for layer in state.report.layers] == [WHOLE_GRAPH_LAYER]:
+        state.report.scope += "one decoder layer (each layer is a graph of its own: FSDP2 units, or layers compiled one by one)"
+        state.report.head.absent = True
+        state.graph = None  # the head is in another graph
+
+
+def _head_only(gm: fx.GraphModule, state: PassState) -> bool:
+    """A graph without layers that starts from a hidden state (an FSDP2 root's loss, after the
+    layers' own graphs): the head pass runs from that input."""
+    mutated = state.functionalized.mutated if state.functionalized else set()
+    try:
+        context = head_only_context(gm, state.example_inputs, state.config.chunk_size, state.report,
+                                    state.wrap_subgraph, mutated=mutated, autocast=state.autocast, plans=state.plans)
+    except CannotChunk:
+        return False
+    if context is None:
+        return False
+    state.graph = context
+    state.report.scope += (f"no decoder layers; the head starts at the graph input {context.last_layer_output.name} "
+                          "(hidden states computed by an earlier graph)")
+    return True
 
 
 _WARNED: set = set()
 
 
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         log.warning("streambp: %s", message)

@@ -48,6 +48,7 @@ class HeadDecision:
     gradients_in_forward: bool = False  # the loss sums the output: forward computes the head's gradients
     skip_logits: bool = False  # the option was set
     skipped_logits: list[str] = dataclasses.field(default_factory=list)  # outputs returned as None (skip_logits)
+    absent: bool = False  # the graph is one decoder layer: its model's head is in another graph
 
     @property
     def whole_outputs(self) -> list[str]:
@@ -57,7 +58,8 @@ class HeadDecision:
     def __str__(self):
         skipped = [f"    not returned (option skip_logits): {name}, None in its place" for name in self.skipped_logits]
         if not self.chunked:
-            first = f"  head: NOT chunked: {self.reason.value}: {self.detail}" if self.reason else "  head: not analysed"
+            first = (f"  head: NOT chunked: {self.reason.value}: {self.detail}" if self.reason
+                     else "  head: none in this graph" if self.absent else "  head: not analysed")
             return "\n".join([first] + skipped)
         lines = [
             f"  head: chunked along the sequence, chunk size {self.chunk_size}; {len(self.nodes)} token-wise ops, "
@@ -94,6 +96,9 @@ class GraphReport:
     layers: list[LayerDecision] = dataclasses.field(default_factory=list)
     head: HeadDecision = dataclasses.field(default_factory=HeadDecision)
     fallback: Optional[Reason] = None  # whole-graph fallback
+    scope: str = ""  # what the graph holds, when it is not a whole model (one layer, or the head only)
+    hints: list[str] = dataclasses.field(default_factory=list)  # what the user can change to chunk more
+    pieces: int = 1  # AOTAutograd graphs it was compiled into (one per layer under DDP)
     fallback_detail: str = ""
     folded_sizes: list[str] = dataclasses.field(default_factory=list)  # size nodes pinned to a value, made ints
     functionalized: list[str] = dataclasses.field(default_factory=list)  # in-place writes made out of place
@@ -119,6 +124,8 @@ class GraphReport:
                 f"({'dynamic' if self.dynamic else 'static'}), chunk size {self.chunk_size}, "
                 f"{len(self.chunked_layers)}/{len(self.layers)} layers chunked")
         lines = [head]
+        if self.scope:
+            lines.append(f"  this graph holds {self.scope.rstrip('; ')}")
         if self.fallback:
             lines.append(f"  whole graph runs unchunked: {self.fallback.value}: {self.fallback_detail}")
         if self.autocast != "off":
@@ -131,6 +138,10 @@ class GraphReport:
             lines.append(f"  left in place: {name}: {why}")
         lines += [str(layer) for layer in self.layers]
         lines.append(str(self.head))
+        lines += [f"  hint: {hint}" for hint in self.hints]
+        if self.pieces > 1:
+            lines.append(f"  compiled as {self.pieces} pieces, one per chunked layer (then the head): under DDP each "
+                         "layer's gradients are handed to DDP's reducer as soon as its backward returns")
         if self.pass_seconds:
             lines.append(f"  passes: {self.timings()}")
         return "\n".join(lines)
