@@ -123,3 +123,26 @@ def test_ranks_with_other_models_end_with_a_clear_error(tmp_path):
     code, output, _ = _torchrun("ddp_mismatch", "llama", tmp_path)
     assert code != 0
     assert "appears not to match sizes of the same param in process 0" in output, output[-3000:]
+
+
+def test_benchmark_runs_and_streambp_adds_no_collectives(tmp_path):
+    """benchmarks/distributed.py at a tiny size: both methods on both ranks, and streambp's FSDP2
+    step runs exactly the collectives of eager FSDP2 with activation checkpointing."""
+    out = tmp_path / "distributed.json"
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "distributed.py")
+    process = subprocess.Popen(
+        [sys.executable, script, "--length", "128", "--hidden-size", "64", "--layers", "2", "--vocab-size", "512",
+         "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"benchmarks/distributed.py did not finish in {TIMEOUT} s:\n{process.communicate()[0][-4000:]}")
+    assert process.returncode == 0, output[-4000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"checkpointing", "streambp"} and all(len(ranks) == 2 for ranks in results.values())
+    for eager, mine in zip(results["checkpointing"], results["streambp"]):
+        assert {k: v["calls"] for k, v in mine["collectives"].items()} == \
+            {k: v["calls"] for k, v in eager["collectives"].items()}
+        assert mine["collectives"]["all_gather"]["calls"] == 2 * 2 + 1
+    assert "| streambp | 1 |" in output
