@@ -48,8 +48,11 @@ def _build(args, method):
     from trainer_memory import build_model  # the same Qwen3-shaped model as the Trainer benchmark
 
     model = build_model(args)
-    if method == "checkpointing":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method == "checkpointing":  # transformers 5 renamed gradient_checkpointing_enable
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)

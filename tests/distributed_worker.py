@@ -62,6 +62,8 @@ def _run(mode: str, arch: str, dtype, chunk_size: int, backend, rank: int, world
     torch._dynamo.reset()
     sizes = dict(SIZES, hidden_size=64) if mode == "ddp_mismatch" and rank == 1 else SIZES  # another model
     model = float64_throughout(build_model(arch, dtype=dtype, **sizes))
+    if backend == "model":  # the model compiled in place, then wrapped
+        model.compile(backend="streambp", options={"chunk_size": chunk_size})
     wrapped = _wrap(mode, model, world)
     rows = slice(2 * rank, 2 * rank + 2)
     local = {k: v[rows] if torch.is_tensor(v) else v for k, v in full.items()}
@@ -71,7 +73,8 @@ def _run(mode: str, arch: str, dtype, chunk_size: int, backend, rank: int, world
         # the global count of tokens, times the world size, gives the global mean's gradients.
         return wrapped(**inputs, num_items_in_batch=items).loss * world
 
-    step = loss_fn if backend is None else torch.compile(loss_fn, backend=backend, options={"chunk_size": chunk_size})
+    step = loss_fn if backend in (None, "model") else torch.compile(loss_fn, backend=backend,
+                                                                      options={"chunk_size": chunk_size})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     losses, grads, summary = [], None, None
     for index in range(STEPS):
@@ -132,6 +135,8 @@ def main():
     configurations = [("streambp", "streambp", 4), ("streambp_chunk8", "streambp", 8)]
     if mode == "fsdp_mixed":
         configurations.append(("eager", None, 0))
+    if mode == "ddp" and arch == "llama":
+        configurations.append(("model_compiled_then_wrapped", "model", 4))
     for name, backend, chunk_size in configurations:
         before = len(sbp_compiler.reports())
         _, losses, grads, summary = _run(mode, arch, run_dtype, chunk_size, backend, rank, world, full, items)

@@ -73,6 +73,8 @@ def test_ddp_one_piece_per_layer(arch, tolerance, tmp_path):
     assert 2 <= collectives["all_reduce"]["calls"] <= LAYERS + 1, collectives
     # The first reduction starts before the last layer's backward: it overlaps it.
     assert run["first_reduction_before_last_layer_backward"], run["summary"]
+    if arch == "llama":  # DDP(model) of a model compiled in place: the same pieces
+        assert result["runs"]["model_compiled_then_wrapped"]["pieces"] == LAYERS + 1
 
 
 def test_ddp_optimizer_left_on_is_named(tmp_path):
