@@ -26,7 +26,7 @@ from .checkpoint import inline_checkpoints
 from .constant_sizes import static_length
 from .errors import CannotChunk, Reason
 from .grad_mode import grad_mode_of, record_grad_modes, reproduce_grad_modes, without_gradient_path
-from .find_layers import LayerRegion, extract_subgraph, find_layer_regions, is_size_arithmetic, region_of
+from .find_layers import WHOLE_GRAPH_LAYER, LayerRegion, extract_subgraph, find_layer_regions, is_size_arithmetic, region_of
 from .fx_utils import eliminate_dead_code, refuse_side_effects
 from .layer_split import LayerSplit, split_layer
 from .mask import build_mask_builder
@@ -42,8 +42,13 @@ def _is_parameter_or_buffer(node: fx.Node, example_input) -> bool:
     return isinstance(example_input, torch.nn.Parameter) or "_buffers_" in node.name or "_parameters_" in node.name
 
 
-def sequence_labels(gm: fx.GraphModule, example_inputs, is_seq_sized, seq_length: int) -> tuple[dict, dict]:
+def sequence_labels(gm: fx.GraphModule, example_inputs, is_seq_sized, seq_length: int,
+                    hidden_input: Optional[fx.Node] = None) -> tuple[dict, dict]:
     """Label ``"S"`` every dim of every value that runs along the sequence (lenient).
+
+    ``hidden_input``: a graph input known to be the hidden state (.., T, hidden), when the graph
+    starts there (one layer, or the head, as a graph of its own): only its dim -2 is the
+    sequence, also where a static length equals the width (4096 tokens of a 4096-wide model).
 
     Returns (labels by node, why a node could not be labelled)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -53,6 +58,8 @@ def sequence_labels(gm: fx.GraphModule, example_inputs, is_seq_sized, seq_length
         if shape is None or _is_parameter_or_buffer(node, value):
             continue
         initial[node] = tuple(frozenset({node.name}) if is_seq_sized(s) else None for s in shape)
+        if node is hidden_input:
+            initial[node] = tuple(frozenset({node.name}) if d == len(shape) - 2 else None for d in range(len(shape)))
     analysis = SeqDimAnalysis(is_seq_sized=is_seq_sized, source_mode=True, lenient=True, seq_length=seq_length)
     source_labels = analysis.run(list(gm.graph.nodes), initial)
 
@@ -235,9 +242,9 @@ def _compare_with_original(plan, region, layer_gm, mask_values, arguments, value
 
 
 def _graph_context(gm, example_inputs, hidden: torch.Tensor, chunk_size, report: GraphReport, wrap_subgraph,
-                   mutated, autocast, plans) -> GraphContext:
+                   mutated, autocast, plans, hidden_input: Optional[fx.Node] = None) -> GraphContext:
     """The graph's sequence length (dim -2 of ``hidden``, a (.., T, hidden) value), chunk size and
-    sequence labels of every value."""
+    sequence labels of every value (``hidden_input``: see ``sequence_labels``)."""
     seq_len = static_length(hidden.shape[-2])
     dynamic = isinstance(seq_len, torch.SymInt)
     report.dynamic = dynamic
@@ -248,7 +255,7 @@ def _graph_context(gm, example_inputs, hidden: torch.Tensor, chunk_size, report:
         chunk_size = auto_chunk_size(size_hint(hidden.shape[-1]))
     report.chunk_size = chunk_size
     is_seq_sized = seq_sized_predicate(seq_len)
-    labels, unknown_causes = sequence_labels(gm, example_inputs, is_seq_sized, size_hint(seq_len))
+    labels, unknown_causes = sequence_labels(gm, example_inputs, is_seq_sized, size_hint(seq_len), hidden_input)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return GraphContext(
         gm=gm,
@@ -282,7 +289,7 @@ def head_only_context(gm: fx.GraphModule, example_inputs, chunk_size, report: Gr
     if len(candidates) != 1:
         return None
     context = _graph_context(gm, example_inputs, example(candidates[0]), chunk_size, report, wrap_subgraph,
-                             mutated, autocast, plans)
+                             mutated, autocast, plans, hidden_input=candidates[0])
     context.last_layer_output, context.head_only = candidates[0], True
     return context
 
@@ -308,8 +315,12 @@ def outline_layers(
     regions = find_layer_regions(gm)
     record_grad_modes(gm.graph)
     layer_output = _layer_output_example(regions)
+    # A graph that is one layer starts at its hidden state: the input shaped like its output.
+    hidden_input = next((n for n in regions[0].inputs if n.op == "placeholder" and isinstance(example(n), torch.Tensor)
+                         and example(n).shape == layer_output.shape and example(n).dtype == layer_output.dtype),
+                        None) if regions[0].path == WHOLE_GRAPH_LAYER else None
     context = _graph_context(gm, example_inputs, layer_output, chunk_size, report, wrap_subgraph, mutated,
-                             autocast, plans)
+                             autocast, plans, hidden_input)
     for region in regions:
         decision = LayerDecision(path=region.path, chunked=False)
         report.layers.append(decision)

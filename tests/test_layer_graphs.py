@@ -61,18 +61,35 @@ def test_a_mask_given_whole_must_be_causal():
     assert not report.layers[0].chunked and report.layers[0].reason.name == "NOT_CAUSAL", report
 
 
-def test_a_graph_of_the_head_alone():
+def test_static_length_equal_to_the_width():
+    """A first (static) call at T = hidden (4096 tokens of a 4096-wide model): the layer's graph
+    takes its hidden state's dim -2 for the sequence, not every dim of that size."""
+    model = float64_throughout(build_model("llama"))  # hidden 32
+    reference = float64_throughout(build_model("llama"))
+    reference.load_state_dict(model.state_dict())
+    for block in model.model.layers:
+        block.compile(backend="streambp", options={"chunk_size": 8})
+    inputs = batch(32, pad=3)
+    _, ref_grads = loss_and_grads(reference, reference, inputs)
+    _, grads = loss_and_grads(model, model, inputs)
+    assert max_relative_error(ref_grads, grads) <= FLOAT64_TOLERANCE
+    report = sbp_compiler.last_report()
+    assert not report.dynamic and report.layers[0].chunked, report
+
+
+@pytest.mark.parametrize("length", [13, 32])  # 32: the hidden size, static
+def test_a_graph_of_the_head_alone(length):
     """norm -> lm_head -> cross-entropy from a hidden state made by another graph: the head is
     chunked from that input."""
     model = float64_throughout(build_model("llama"))
-    ids = batch(13, pad=3)["labels"]
+    ids = batch(length, pad=3)["labels"]
 
     def head_loss(hidden, labels):
         logits = model.lm_head(model.model.norm(hidden))
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     compiled = torch.compile(head_loss, backend="streambp", options={"head_chunk_size": 4})
-    hidden = torch.randn(2, 13, 32, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(2, length, 32, dtype=torch.float64, requires_grad=True)
     results = []
     for fn in (head_loss, compiled):
         model.zero_grad(set_to_none=True)
