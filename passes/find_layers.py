@@ -29,6 +29,7 @@ class LayerRegion:
     nodes: list[fx.Node]
     inputs: list[fx.Node]  # values defined outside and used inside, in first-use order
     outputs: list[fx.Node]  # values defined inside and used outside
+    hidden_input: "fx.Node | None" = None  # a whole-graph layer's hidden state: the placeholder shaped like its output
 
 
 def _clean_path(path: str) -> str:
@@ -193,7 +194,9 @@ def whole_graph_layer(gm: fx.GraphModule, scalars: dict) -> "LayerRegion | None"
     nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")
              and not is_size_arithmetic(n, scalars) and not _positions_from_sizes(n, scalars)
              and not _rows_of_a_table(n, scalars)]
-    return region_of(WHOLE_GRAPH_LAYER, nodes)
+    region = region_of(WHOLE_GRAPH_LAYER, nodes)
+    region.hidden_input = hidden_inputs[0]
+    return region
 
 
 def region_of(path: str, nodes: list[fx.Node]) -> LayerRegion:

@@ -26,7 +26,7 @@ from .checkpoint import inline_checkpoints
 from .constant_sizes import static_length
 from .errors import CannotChunk, Reason
 from .grad_mode import grad_mode_of, record_grad_modes, reproduce_grad_modes, without_gradient_path
-from .find_layers import WHOLE_GRAPH_LAYER, LayerRegion, extract_subgraph, find_layer_regions, is_size_arithmetic, region_of
+from .find_layers import LayerRegion, extract_subgraph, find_layer_regions, is_size_arithmetic, region_of
 from .fx_utils import eliminate_dead_code, refuse_side_effects
 from .layer_split import LayerSplit, split_layer
 from .mask import build_mask_builder
@@ -315,12 +315,8 @@ def outline_layers(
     regions = find_layer_regions(gm)
     record_grad_modes(gm.graph)
     layer_output = _layer_output_example(regions)
-    # A graph that is one layer starts at its hidden state: the input shaped like its output.
-    hidden_input = next((n for n in regions[0].inputs if n.op == "placeholder" and isinstance(example(n), torch.Tensor)
-                         and example(n).shape == layer_output.shape and example(n).dtype == layer_output.dtype),
-                        None) if regions[0].path == WHOLE_GRAPH_LAYER else None
     context = _graph_context(gm, example_inputs, layer_output, chunk_size, report, wrap_subgraph, mutated,
-                             autocast, plans, hidden_input)
+                             autocast, plans, regions[0].hidden_input)
     for region in regions:
         decision = LayerDecision(path=region.path, chunked=False)
         report.layers.append(decision)

@@ -168,11 +168,12 @@ def streambp(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None)
     dump("dynamo", gm)
     autocast = AutocastState.current()
     report.autocast = str(autocast)
-    if is_ddp_optimizer_piece(gm):
-        report.scope = "a piece of a graph cut by Dynamo's DDPOptimizer at DDP's bucket boundaries; "
+    ddp_optimizer_piece = is_ddp_optimizer_piece(gm)
+    if ddp_optimizer_piece:
+        report.add_scope("a piece of a graph cut by Dynamo's DDPOptimizer at DDP's bucket boundaries")
     state = PassState(config, report, list(example_inputs), _subgraph_runner(config, dump, autocast), autocast)
     run_passes(gm, state, dump)
-    if is_ddp_optimizer_piece(gm) and (report.fallback or len(report.chunked_layers) < len(report.layers)):
+    if ddp_optimizer_piece and (report.fallback or len(report.chunked_layers) < len(report.layers)):
         report.hints.append(DDP_OPTIMIZER_HINT)
         warn_once(DDP_OPTIMIZER_HINT)
     dump("streambp", gm)

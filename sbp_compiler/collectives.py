@@ -33,9 +33,6 @@ class CollectiveSummary:
     seconds: float  # time the collectives ran
     overlapped_seconds: float  # of which a streambp op computed on the calling thread
 
-    def calls(self, kind: str) -> int:
-        return self.kinds[kind].calls if kind in self.kinds else 0
-
     @property
     def total_bytes(self) -> int:
         return sum(k.bytes for k in self.kinds.values())

@@ -48,7 +48,7 @@ def wants_layer_pieces(gm: fx.GraphModule) -> bool:
     into one piece per layer."""
     from torch._dynamo.utils import get_optimize_ddp_mode
 
-    if active_ddp_module() is None or get_optimize_ddp_mode() == "ddp_optimizer" or is_ddp_optimizer_piece(gm):
+    if active_ddp_module() is None or get_optimize_ddp_mode() == "ddp_optimizer":
         return False
     return len(layer_ops(gm)) >= 2
 

@@ -48,6 +48,11 @@ class PassState:
     graph: Optional[GraphContext] = None  # set by the layer pass, read by the head pass
     plans: list = dataclasses.field(default_factory=list)  # the plans of the chunked ops: owned by the compiled graph
 
+    @property
+    def mutated(self) -> set:
+        """Values an in-place write left in the graph touches (a region reading one is refused)."""
+        return self.functionalized.mutated if self.functionalized else set()
+
 
 def constant_sizes_pass(gm: fx.GraphModule, state: PassState) -> None:
     state.report.folded_sizes = fold_constant_sizes(gm)
@@ -64,10 +69,9 @@ def token_losses_pass(gm: fx.GraphModule, state: PassState) -> None:
 
 
 def layers_pass(gm: fx.GraphModule, state: PassState) -> None:
-    mutated = state.functionalized.mutated if state.functionalized else set()
     try:
         state.graph = outline_layers(gm, state.example_inputs, state.config.chunk_size, state.report,
-                                     state.wrap_subgraph, mutated=mutated, autocast=state.autocast,
+                                     state.wrap_subgraph, mutated=state.mutated, autocast=state.autocast,
                                      plans=state.plans)
     except CannotChunk as refusal:
         if refusal.reason is Reason.NO_REPEATED_LAYERS and _head_only(gm, state):
@@ -79,7 +83,7 @@ def layers_pass(gm: fx.GraphModule, state: PassState) -> None:
         state.report.fallback, state.report.fallback_detail = refusal.reason, detail
         return
     if [layer.path for layer in state.report.layers] == [WHOLE_GRAPH_LAYER]:
-        state.report.scope += "one decoder layer (each layer is a graph of its own: FSDP2 units, or layers compiled one by one)"
+        state.report.add_scope("one decoder layer (each layer is a graph of its own: FSDP2 units, or layers compiled one by one)")
         state.report.head.absent = True
         state.graph = None  # the head is in another graph
 
@@ -87,17 +91,16 @@ def layers_pass(gm: fx.GraphModule, state: PassState) -> None:
 def _head_only(gm: fx.GraphModule, state: PassState) -> bool:
     """A graph without layers that starts from a hidden state (an FSDP2 root's loss, after the
     layers' own graphs): the head pass runs from that input."""
-    mutated = state.functionalized.mutated if state.functionalized else set()
     try:
         context = head_only_context(gm, state.example_inputs, state.config.chunk_size, state.report,
-                                    state.wrap_subgraph, mutated=mutated, autocast=state.autocast, plans=state.plans)
+                                    state.wrap_subgraph, mutated=state.mutated, autocast=state.autocast, plans=state.plans)
     except CannotChunk:
         return False
     if context is None:
         return False
     state.graph = context
-    state.report.scope += (f"no decoder layers; the head starts at the graph input {context.last_layer_output.name} "
-                          "(hidden states computed by an earlier graph)")
+    state.report.add_scope(f"no decoder layers; the head starts at the graph input {context.last_layer_output.name} "
+                           "(hidden states computed by an earlier graph)")
     return True
 
 

@@ -106,6 +106,9 @@ class GraphReport:
     autocast: str = "off"  # the autocast state the chunk subgraphs run under
     pass_seconds: dict = dataclasses.field(default_factory=dict)  # pass -> seconds (None: disabled)
 
+    def add_scope(self, text: str) -> None:
+        self.scope = f"{self.scope}; {text}" if self.scope else text
+
     @property
     def chunked_layers(self) -> list[LayerDecision]:
         return [layer for layer in self.layers if layer.chunked]
@@ -125,7 +128,7 @@ class GraphReport:
                 f"{len(self.chunked_layers)}/{len(self.layers)} layers chunked")
         lines = [head]
         if self.scope:
-            lines.append(f"  this graph holds {self.scope.rstrip('; ')}")
+            lines.append(f"  this graph holds {self.scope}")
         if self.fallback:
             lines.append(f"  whole graph runs unchunked: {self.fallback.value}: {self.fallback_detail}")
         if self.autocast != "off":

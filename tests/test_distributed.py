@@ -22,13 +22,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="torch.distributed with gloo")
 
 
-def _torchrun(mode: str, arch: str, tmp_path):
-    """(return code, output, rank 0's result) of one run; on timeout every rank is killed."""
-    out = tmp_path / f"{mode}_{arch}.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               WORKER, mode, arch, str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")]))
+def _run(command: list, what: str, env=None) -> tuple[int, str]:
+    """(return code, output) of ``command``; past the timeout every process it started is killed."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                start_new_session=True)
     try:
@@ -36,8 +31,19 @@ def _torchrun(mode: str, arch: str, tmp_path):
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        pytest.fail(f"torchrun {mode} {arch} did not finish in {TIMEOUT} s:\n{output[-4000:]}")
-    return process.returncode, output, (json.loads(out.read_text()) if out.exists() else None)
+        pytest.fail(f"{what} did not finish in {TIMEOUT} s:\n{output[-4000:]}")
+    return process.returncode, output
+
+
+def _torchrun(mode: str, arch: str, tmp_path):
+    """(return code, output, rank 0's result) of one run of the worker on two ranks."""
+    out = tmp_path / f"{mode}_{arch}.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               WORKER, mode, arch, str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")]))
+    code, output = _run(command, f"torchrun {mode} {arch}", env)
+    return code, output, (json.loads(out.read_text()) if out.exists() else None)
 
 
 def _relative(a: float, b: float) -> float:
@@ -132,15 +138,9 @@ def test_benchmark_runs_and_streambp_adds_no_collectives(tmp_path):
     step runs exactly the collectives of eager FSDP2 with activation checkpointing."""
     out = tmp_path / "distributed.json"
     script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "distributed.py")
-    process = subprocess.Popen(
-        [sys.executable, script, "--length", "128", "--hidden-size", "64", "--layers", "2", "--vocab-size", "512",
-         "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"benchmarks/distributed.py did not finish in {TIMEOUT} s:\n{process.communicate()[0][-4000:]}")
-    assert process.returncode == 0, output[-4000:]
+    code, output = _run([sys.executable, script, "--length", "128", "--hidden-size", "64", "--layers", "2",
+                         "--vocab-size", "512", "--json", str(out)], "benchmarks/distributed.py")
+    assert code == 0, output[-4000:]
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"checkpointing", "streambp"} and all(len(ranks) == 2 for ranks in results.values())
     for eager, mine in zip(results["checkpointing"], results["streambp"]):
