@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Callable, Optional
 
 import torch
@@ -145,6 +146,25 @@ class _ProbeValues:
         if node not in self.values:
             self.values[node] = fabricate(node, self.real, self.generator)
         return self.values[node]
+
+
+def _working_set_widths(nodes, labels: dict, output: torch.Tensor) -> dict:
+    """What a chunk of the layer holds per token and per (query, key) pair, from its widest
+    values along one sequence dim (MLP intermediates) and along two (scores, a given mask); at
+    least a bool chunk mask per batch row. For ``memory_budget``'s estimate."""
+    per_token, per_pair = 0, max(1, output.numel() // max(1, output.shape[-2] * output.shape[-1]))
+    for node in nodes:
+        value, dims = example(node), labels.get(node)  # per dim: None, or a sequence label
+        if not isinstance(value, torch.Tensor) or not dims:
+            continue
+        sizes = [size_hint(s) for s in value.shape]
+        seq = [d for d, label in enumerate(dims) if label is not None]
+        rest = math.prod(s for d, s in enumerate(sizes) if d not in seq) * value.element_size()
+        if len(seq) == 1:
+            per_token = max(per_token, rest)
+        elif len(seq) == 2:
+            per_pair = max(per_pair, rest)
+    return dict(token_bytes=per_token, pair_bytes=per_pair)
 
 
 def _probe(plan: LayerPlan, region: LayerRegion, layer_gm: fx.GraphModule, mask_inputs: list,
@@ -470,6 +490,7 @@ def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDeci
         dropout_sources=split.dropout_sources,
         chunk_size=context.chunk_size,
         full_keys=bool(split.full_keys),
+        **_working_set_widths([*region.inputs, *region.nodes], context.labels, out_value),
     )
     _probe(plan, region, layer_gm, [built.inputs for built, _ in builders], split, arguments, context)
     plan_id = register_plan(plan, context.plans)

@@ -6,6 +6,7 @@ import os
 from typing import Optional, Union
 
 INNER_COMPILERS = ("eager", "inductor")
+LAYER_INPUTS = ("keep", "recompute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,16 @@ class StreamBPConfig:
                     At batch 1, hidden 256 and vocabulary 32768 in float32 that is 128 tokens
                     up to T=16384, then T/128; at Qwen3-4B's widths, 128 up to about 8k
                     tokens, then about T/59; at batch 4, 32 tokens up to T=4096.
+    memory_budget:  None (default): chunk sizes from the widths, as above. Otherwise the bytes
+                    one chunk's working set may take, and each chunked op whose chunk size is
+                    "auto" takes the largest power-of-two chunk whose estimated working set fits,
+                    at the length of each call (fewer, larger chunks: larger matmuls, fewer
+                    passes over the LM-head weight): an int (bytes), a float in (0, 1] (that
+                    share of the device's memory: the GPU's, or the host's on the CPU), or
+                    "auto" (half the free GPU memory at each call; on the CPU the same as None).
+                    The estimate: the head holds 3 copies of its logits per chunk, a layer 4 of
+                    its widest token-wise value plus 5 bytes per (query, key) pair of its mask.
+                    The saved layer inputs, K/V and gradients come on top of it.
     inner_compiler: "eager" runs the non-layer graph through AOTAutograd without code
                     generation and the chunk subgraphs as they are (exact, no compile time);
                     "inductor" generates code for the non-layer graph and, through
@@ -37,15 +48,25 @@ class StreamBPConfig:
                     (the logits) come back as None and never exist whole, as with Liger
                     Kernel's ``skip_logits``; graphs under no_grad (evaluation, generation)
                     and graphs without a loss keep them. The report lists what was dropped.
+    layer_inputs:   what backward finds of each chunked layer's input (B x T x hidden, the one
+                    term of the method's memory that grows with the layer count): "keep"
+                    (default) saves every layer's input; "recompute" saves only the inputs of
+                    segment boundaries and recomputes the others in backward with the same
+                    chunked forward (exact: the same values; one more forward of most layers):
+                    with L layers about sqrt(2 L) inputs exist at once instead of L (16 layers:
+                    6). It applies to the layers of one graph (not to layers compiled as graphs
+                    of their own: FSDP2 units, DDP's per-layer pieces).
     disable_passes: names of passes of ``sbp_compiler.pipeline.PASSES`` to skip, for debugging
                     (``("head",)`` keeps the LM head unchunked).
     """
 
     chunk_size: Union[int, str] = "auto"
     head_chunk_size: Union[int, str] = "auto"
+    memory_budget: Union[None, int, float, str] = None
     inner_compiler: str = "eager"
     debug_dir: Optional[str] = None
     skip_logits: bool = False
+    layer_inputs: str = "keep"
     disable_passes: tuple = ()
 
     def __post_init__(self):
@@ -53,10 +74,15 @@ class StreamBPConfig:
             value = getattr(self, name)
             if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"streambp option {name} must be a positive int or 'auto', got {value!r}")
+        from .memory_budget import check_budget
+
+        check_budget(self.memory_budget)
         if self.inner_compiler not in INNER_COMPILERS:
             raise ValueError(
                 f"streambp option inner_compiler must be one of {INNER_COMPILERS}, got {self.inner_compiler!r}"
             )
+        if self.layer_inputs not in LAYER_INPUTS:
+            raise ValueError(f"streambp option layer_inputs must be one of {LAYER_INPUTS}, got {self.layer_inputs!r}")
         if not isinstance(self.skip_logits, bool):
             raise ValueError(f"streambp option skip_logits must be True or False, got {self.skip_logits!r}")
         if self.debug_dir is not None and not isinstance(self.debug_dir, (str, os.PathLike)):

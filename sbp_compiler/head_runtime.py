@@ -23,6 +23,7 @@ import torch
 from .chunked_autograd import (
     InputGradients, autograd_in_kernel, grad_placeholders_fake, inputs_needing_grad, op_input_grads, save_op_inputs,
 )
+from .memory_budget import HEAD_COPIES, budget_bytes, largest_chunk
 from .runtime import PLANS, InputRef
 
 # Each chunk multiplies by the whole LM-head weight three times (logits, and in backward the
@@ -58,6 +59,7 @@ class HeadPlan:
     # Arguments (positions in ``inputs``) whose gradients forward computes, when the one output
     # reaches the loss only through full sums (see ``head_with_gradients``); empty otherwise.
     gradients_in_forward: list[int] = dataclasses.field(default_factory=list)
+    memory_budget: object = None  # option memory_budget, set where head_chunk_size is "auto"
 
     def arguments(self, tensors, ints):
         return [tensors[r.index] if r.kind == "tensor" else ints[r.index] for r in self.inputs]
@@ -68,18 +70,22 @@ class HeadPlan:
     def _seq_argument(self) -> int:
         return next(i for i, r in enumerate(self.inputs) if r.kind == "tensor" and r.index == self.seq_input)
 
-    def chunk_length(self, full: int) -> int:
+    def chunk_length(self, full: int, device=None) -> int:
         """Tokens per chunk; "auto": a chunk's widest value (the logits) holds about as many bytes
         as one full-length hidden state (``B x T x hidden``), in a power of two, and at least
-        ``AUTO_HEAD_MIN_ROWS`` rows (batch x tokens)."""
+        ``AUTO_HEAD_MIN_ROWS`` rows (batch x tokens); with a memory budget, the largest chunk
+        whose logits and their float32 softmax and gradient fit."""
         if self.chunk_size != "auto":
             return max(1, min(full, self.chunk_size))
+        budget = budget_bytes(self.memory_budget, device or torch.device("cpu")) if self.memory_budget is not None else None
+        if budget is not None:
+            return largest_chunk(budget, HEAD_COPIES * self.token_bytes_widest, full)
         floor = -(-AUTO_HEAD_MIN_ROWS // max(1, self.rows_per_token))
         tokens = max(floor, full * self.token_bytes_in // max(1, self.token_bytes_widest))
         return max(1, min(full, 1 << (tokens.bit_length() - 1)))
 
-    def chunks(self, full: int):
-        size = self.chunk_length(full)
+    def chunks(self, full: int, device=None):
+        size = self.chunk_length(full, device)
         for start in range(0, full, size):
             yield start, min(full, start + size)
 
@@ -148,7 +154,7 @@ def head_forward(
     binding = plan.sizes(tensors)
     outputs: Optional[list[torch.Tensor]] = None
     with torch.no_grad():
-        for start, end in plan.chunks(full):
+        for start, end in plan.chunks(full, tensors[plan.seq_input].device):
             chunk_outputs = plan.graph(*plan.sliced(arguments, start, end), stated, end - start)
             if outputs is None:
                 outputs = [_full_buffer(c, l, end - start, full) for c, l in zip(chunk_outputs, plan.outputs)]
@@ -176,7 +182,7 @@ def head_forward_with_gradients(
     output = None
     with autograd_in_kernel():
         whole_leaves = {i: arguments[i].detach().requires_grad_() for i in wanted if plan.input_seq_dims[i] is None}
-        for start, end in plan.chunks(full):
+        for start, end in plan.chunks(full, tensors[plan.seq_input].device):
             args = plan.sliced(arguments, start, end)
             leaves = {i: whole_leaves[i] if i in whole_leaves else args[i].detach().requires_grad_() for i in wanted}
             for i, leaf in leaves.items():
@@ -225,7 +231,7 @@ def head_backward(
         whole_leaves = {
             i: arguments[i].detach().requires_grad_() for i in wanted if plan.input_seq_dims[i] is None
         }
-        for start, end in plan.chunks(full):
+        for start, end in plan.chunks(full, tensors[plan.seq_input].device):
             args = plan.sliced(arguments, start, end)
             leaves = {i: whole_leaves[i] if i in whole_leaves else args[i].detach().requires_grad_() for i in wanted}
             for i, leaf in leaves.items():

@@ -15,6 +15,7 @@ import time
 import traceback
 from typing import Any, Callable, Optional
 
+import torch
 import torch.fx as fx
 
 from passes.constant_sizes import fold_constant_sizes
@@ -22,6 +23,7 @@ from passes.errors import CannotChunk, Reason
 from passes.functionalize import Functionalized, functionalize
 from passes.fx_utils import restore_graph, snapshot_graph
 from passes.head import outline_head
+from passes.layer_inputs import tag_recomputed_layers
 from passes.find_layers import WHOLE_GRAPH_LAYER
 from passes.outline import GraphContext, head_only_context, outline_layers
 from passes.returned_logits import skip_returned_logits
@@ -29,6 +31,9 @@ from passes.token_losses import split_token_losses
 
 from .autocast import AutocastState
 from .config import StreamBPConfig
+from .head_runtime import HeadPlan
+from .layer_pieces import wants_layer_pieces
+from .runtime import LayerPlan
 from .graph_breaks import CHECKPOINT_SIDE_EFFECT_HINT, checkpoint_side_effect_breaks
 from .report import GraphReport
 
@@ -130,6 +135,46 @@ def head_pass(gm: fx.GraphModule, state: PassState) -> None:
         log.info("streambp: head not chunked: %s", refusal)
 
 
+def memory_budget_pass(gm: fx.GraphModule, state: PassState) -> None:
+    """Option memory_budget: the plans whose chunk size is "auto" take it from the budget."""
+    budget = state.config.memory_budget
+    if budget is None:
+        return
+    device = next((x.device for x in state.example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+    for plan in state.plans:
+        if isinstance(plan, LayerPlan) and state.config.chunk_size == "auto":
+            plan.memory_budget = budget
+        elif isinstance(plan, HeadPlan) and state.config.head_chunk_size == "auto":
+            plan.memory_budget = budget
+    layers = [p for p in state.plans if isinstance(p, LayerPlan) and p.memory_budget is not None]
+    full = state.graph.full_length if state.graph is not None else None
+    if layers and full:
+        state.report.chunk_size = (f"from memory_budget={budget!r} (now {layers[0].chunk_length(full, device)} of "
+                                   f"{full} tokens)")
+    head = next((p for p in state.plans if isinstance(p, HeadPlan) and p.memory_budget is not None), None)
+    if head is not None and full:
+        state.report.head.chunk_size = (f"from memory_budget={budget!r} (now {head.chunk_length(full, device)} of "
+                                        f"{full} tokens)")
+
+
+def layer_inputs_pass(gm: fx.GraphModule, state: PassState) -> None:
+    if state.config.layer_inputs != "recompute" or not state.report.chunked_layers:
+        return
+    if wants_layer_pieces(gm):
+        state.report.layer_inputs = ("all saved (option layer_inputs='recompute': under DDP the layers are compiled "
+                                     "as pieces of their own, and a piece's input is saved by its piece)")
+        return
+    plan = tag_recomputed_layers(gm)
+    if plan.reason:
+        state.report.layer_inputs = f"all saved (option layer_inputs='recompute': {plan.reason})"
+        return
+    state.report.layer_inputs = (
+        f"{len(plan.saved)} of {len(plan.saved) + len(plan.recomputed)} saved (layers {plan.saved}), the others "
+        f"recomputed in backward from the one below (option layer_inputs='recompute'); at most {plan.peak_inputs} "
+        "exist at once in backward"
+    )
+
+
 PASSES: list[tuple[str, Callable[[fx.GraphModule, PassState], None]]] = [
     ("functionalize", functionalize_pass),  # in-place writes out of place, so the analyses see the data flow
     # After functionalize, which tells aliases apart by the fake values' storages (made anew here).
@@ -138,6 +183,8 @@ PASSES: list[tuple[str, Callable[[fx.GraphModule, PassState], None]]] = [
     ("layers", layers_pass),  # each decoder layer -> streambp::layer
     ("skip_logits", skip_logits_pass),  # option skip_logits: returned logits -> None beside a loss
     ("head", head_pass),  # LM head and loss -> streambp::head
+    ("memory_budget", memory_budget_pass),  # option memory_budget: chunk sizes from a budget
+    ("layer_inputs", layer_inputs_pass),  # option layer_inputs="recompute": layer ops tagged for recompute
 ]
 PASS_NAMES = tuple(name for name, _ in PASSES)
 

@@ -99,6 +99,7 @@ class GraphReport:
     scope: str = ""  # what the graph holds, when it is not a whole model (one layer, or the head only)
     hints: list[str] = dataclasses.field(default_factory=list)  # what the user can change to chunk more
     pieces: int = 1  # AOTAutograd graphs it was compiled into (one per layer under DDP)
+    layer_inputs: str = ""  # option layer_inputs="recompute": which layer inputs stay saved
     fallback_detail: str = ""
     folded_sizes: list[str] = dataclasses.field(default_factory=list)  # size nodes pinned to a value, made ints
     functionalized: list[str] = dataclasses.field(default_factory=list)  # in-place writes made out of place
@@ -141,6 +142,8 @@ class GraphReport:
             lines.append(f"  left in place: {name}: {why}")
         lines += [str(layer) for layer in self.layers]
         lines.append(str(self.head))
+        if self.layer_inputs:
+            lines.append(f"  layer inputs: {self.layer_inputs}")
         lines += [f"  hint: {hint}" for hint in self.hints]
         if self.pieces > 1:
             lines.append(f"  compiled as {self.pieces} pieces, one per chunked layer (then the head): under DDP each "

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .chunked_autograd import InputGradients, accumulator_like, autograd_in_kernel, grad_placeholders_fake, op_input_grads, save_op_inputs
+from .memory_budget import LAYER_COPIES, MASK_PAIR_BYTES, budget_bytes, largest_chunk
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,12 @@ class LayerPlan:
     # ``passes/key_selection``, or a mask computed in the layer): eager's rows whatever the
     # masks, so none is checked for causality.
     full_keys: bool = False
+    # Option memory_budget (set where chunk_size is "auto"): the chunk size is then the largest
+    # whose estimated working set fits, from the widest token-wise value (bytes per token) and
+    # the widest (query x key) one (bytes per pair; at least the batch's chunk mask).
+    memory_budget: object = None
+    token_bytes: int = 0
+    pair_bytes: int = 0
 
     def unpack(self, tensors, ints):
         """(layer inputs, each mask's builder inputs) from the op's arguments."""
@@ -75,15 +82,22 @@ class LayerPlan:
 
         return [pick(r) for r in self.layer_inputs], [[pick(r) for r in spec.inputs] for spec in self.masks]
 
-    def chunks(self, length: int, size: Optional[int] = None):
-        size = size or self.chunk_size
+    def chunk_length(self, full: int, device) -> int:
+        """Query tokens per chunk at this length: ``chunk_size``, or from the memory budget."""
+        budget = budget_bytes(self.memory_budget, device) if self.memory_budget is not None else None
+        if budget is None:
+            return self.chunk_size
+        per_token = LAYER_COPIES * self.token_bytes + full * MASK_PAIR_BYTES * self.pair_bytes
+        return largest_chunk(budget, per_token, full)
+
+    def chunks(self, length: int, size: int):
         for start in range(0, length, size):
             yield start, min(length, start + size)
 
-    def kv_chunks(self, length: int):
+    def kv_chunks(self, length: int, size: int):
         """Chunks of the K/V computation: it has no (chunk x T) mask, so it takes bigger steps
         (fewer, larger matmuls) at a working set of at most 1024 tokens of its intermediates."""
-        return self.chunks(length, max(self.chunk_size, KV_CHUNK_TOKENS))
+        return self.chunks(length, max(size, KV_CHUNK_TOKENS))
 
     def key_length(self, end: int, full: int) -> int:
         """How many keys the chunk ending at ``end`` sees: its prefix, or all."""
@@ -113,11 +127,11 @@ class LayerPlan:
             for v, dim in zip(values, self.query_slice_dims)
         ]
 
-    def key_value(self, values, full) -> list[torch.Tensor]:
+    def key_value(self, values, full, size: Optional[int] = None) -> list[torch.Tensor]:
         """K and V of the whole sequence (of every attention of the layer: differential
         attention has two), computed chunk by chunk (no [T, width] temporaries)."""
         whole = None
-        for start, end in self.kv_chunks(full):
+        for start, end in self.kv_chunks(full, size or self.chunk_size):
             parts = self.kv_graph(*self.sliced(values, start, end), full, end - start)
             if whole is None:
                 whole = [p.new_empty(_with_length(p.shape, self.kv_seq_dim, full)) for p in parts]
@@ -221,10 +235,11 @@ def layer_forward(plan: LayerPlan, tensors: Sequence[torch.Tensor], ints: Sequen
     plan.check_dropout(values)
     like = tensors[plan.output_like]
     full = like.shape[plan.output_seq_dim]
+    size = plan.chunk_length(full, like.device)
     with torch.no_grad():
-        kvs = plan.key_value(values, full)
+        kvs = plan.key_value(values, full, size)
         out = torch.empty_like(like)
-        for start, end in plan.chunks(full):
+        for start, end in plan.chunks(full, size):
             chunk = plan.query_graph(*plan.query_args(values, mask_values, kvs, start, end, full))
             out.narrow(plan.output_seq_dim, start, end - start).copy_(chunk)
     return out
@@ -239,6 +254,7 @@ def layer_backward(
 ) -> list[torch.Tensor]:
     values, mask_values = plan.unpack(tensors, ints)
     full = tensors[plan.output_like].shape[plan.output_seq_dim]
+    size = plan.chunk_length(full, grad_output.device)
     grads = InputGradients(tensors, needs_grad)
     # Layer inputs that receive gradients, by position in the layer's argument list.
     wanted = [
@@ -260,13 +276,13 @@ def layer_backward(
 
     with autograd_in_kernel():
         with torch.no_grad():
-            kvs = plan.key_value(values, full)
+            kvs = plan.key_value(values, full, size)
         grad_kvs = [accumulator_like(t) for t in kvs]
         whole_leaves = {
             i: values[i].detach().requires_grad_() for i in wanted if plan.query_slice_dims[i] is None
         }
         n, count = len(values), len(kvs)
-        for start, end in plan.chunks(full):
+        for start, end in plan.chunks(full, size):
             args = plan.query_args(values, mask_values, kvs, start, end, full)
             leaves = attach_leaves(args, whole_leaves)
             prefixes = []
@@ -288,7 +304,7 @@ def layer_backward(
         # The prefix contributions: dK/dV through the K/V projections, once per layer (chunk
         # by chunk: the K/V computation is token-wise).
         del kvs
-        for start, end in plan.kv_chunks(full) if wanted else ():
+        for start, end in plan.kv_chunks(full, size) if wanted else ():
             args = plan.sliced(values, start, end)
             leaves = attach_leaves(args, whole_leaves)
             parts = plan.kv_graph(*args, full, end - start)

@@ -31,8 +31,8 @@ def test_auto_chunk_size_in_report():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"chunk": 4}, "valid options are ['chunk_size', 'head_chunk_size', 'inner_compiler', 'debug_dir', 'skip_logits', "
-                   "'disable_passes']"),
+    ({"chunk": 4}, "valid options are ['chunk_size', 'head_chunk_size', 'memory_budget', 'inner_compiler', 'debug_dir', "
+                   "'skip_logits', 'layer_inputs', 'disable_passes']"),
     ({"skip_logits": "yes"}, "skip_logits must be True or False"),
     ({"chunk_size": 0}, "chunk_size must be a positive int or 'auto'"),
     ({"chunk_size": "8"}, "chunk_size must be a positive int or 'auto'"),

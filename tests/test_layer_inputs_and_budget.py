@@ -1,0 +1,156 @@
+"""Options ``layer_inputs="recompute"`` (segment boundaries' layer inputs saved, the others
+recomputed in backward) and ``memory_budget`` (chunk sizes from a budget): gradients equal eager
+autograd's, fewer layer inputs are saved, and the chunk sizes follow the budget."""
+import pytest
+import torch
+
+import sbp_compiler
+from models import assert_exact, batch, build_model, float64_throughout
+from passes.layer_inputs import segment_lengths
+from sbp_compiler.memory_budget import largest_chunk
+from sbp_compiler.profiling import trace_memory
+
+FLOAT64_TOLERANCE = 1e-10
+
+
+@pytest.mark.parametrize("layers", range(0, 40))
+def test_segments_cover_the_layers_and_bound_what_is_alive(layers):
+    lengths = segment_lengths(layers)
+    assert sum(lengths) == layers and all(n >= 1 for n in lengths)
+    alive = max([i + n - 1 for i, n in enumerate(lengths, start=1)] or [0])
+    peak = 1
+    while peak * (peak + 1) // 2 < layers:
+        peak += 1
+    assert alive <= max(peak, min(layers, 2)), (lengths, alive)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2", "qwen3", "gemma3_text", "mixtral"])
+def test_recompute_is_exact(arch):
+    """Five layers (saved: layers 0 and 3), lengths that are and are not multiples of the chunk,
+    a second length (dynamic), right padding, batch 2. Mixtral: float32 (its grouped matmul has
+    no float64) and one length (its dispatch is refused under dynamic shapes)."""
+    layers = dict(n_layer=5) if arch == "gpt2" else dict(num_hidden_layers=5)
+    if arch == "mixtral":
+        model, tolerance, lengths = build_model(arch, dtype=torch.float32, **layers), 1e-5, (13,)
+    else:
+        model, tolerance, lengths = float64_throughout(build_model(arch, **layers)), FLOAT64_TOLERANCE, (13, 8, 21)
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4, "layer_inputs": "recompute"})
+    for length in lengths:
+        assert_exact(model, compiled, batch(length, pad=3), tolerance)
+        report = sbp_compiler.last_report()
+        assert report.layers and all(layer.chunked for layer in report.layers), report
+        assert report.layer_inputs.startswith("2 of 5 saved (layers [0, 3])"), report
+
+
+def hidden_sized_saved_tensors(fn, inputs, hidden_shape) -> int:
+    """How many tensors of the hidden state's shape the compiled step saves for backward."""
+    count = 0
+
+    def pack(tensor):
+        nonlocal count
+        count += tuple(tensor.shape) == hidden_shape
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn(**inputs).loss
+    loss.backward()
+    return count
+
+
+def test_recompute_saves_only_segment_boundaries():
+    model = build_model("llama", dtype=torch.float32, num_hidden_layers=8)
+    inputs = batch(19, pad=2)
+    shape = (2, 19, 32)
+    saved = {}
+    for mode in ("keep", "recompute"):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4, "layer_inputs": mode})
+        saved[mode] = hidden_sized_saved_tensors(compiled, inputs, shape)
+    report = sbp_compiler.last_report()
+    assert report.layer_inputs.startswith("3 of 8 saved (layers [0, 4, 7])"), report
+    assert "at most 4 exist at once" in report.layer_inputs
+    assert saved["keep"] - saved["recompute"] == 5, saved
+
+
+def test_recompute_lowers_the_peak_by_the_inputs_not_saved():
+    """8 layers: "keep" holds 8 layer inputs when backward starts, "recompute" at most 4 at any
+    time (saved: layers 0, 4, 7; segment 0-3 recomputed). Per token of sequence (the peak's
+    increase from 1024 to 2048 tokens, so the parameter gradients cancel) that is 4 hidden states
+    fewer; at least 3.5 are asked for."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=8,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
+    model = AutoModelForCausalLM.from_config(config).train()
+    growth = {}
+    for mode in ("keep", "recompute"):
+        torch._dynamo.reset()
+
+        def loss_fn(ids):
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+        compiled = torch.compile(loss_fn, backend="streambp", options={"layer_inputs": mode}, dynamic=True)
+        peaks = []
+        for length in (1024, 2048):
+            ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(0))
+
+            def step():
+                compiled(ids).backward()
+                model.zero_grad(set_to_none=True)
+
+            step()
+            peaks.append(trace_memory(step)[1].peak_bytes)
+        growth[mode] = peaks[1] - peaks[0]
+    hidden_states = 1024 * 128 * 4  # the growth of one hidden state
+    saved = (growth["keep"] - growth["recompute"]) / hidden_states
+    assert saved >= 3.5, {mode: g / hidden_states for mode, g in growth.items()}
+
+
+def test_recompute_with_too_few_layers_keeps_every_input():
+    model = build_model("llama")  # 2 layers
+    compiled = torch.compile(model, backend="streambp", options={"layer_inputs": "recompute"})
+    compiled(**batch(9)).loss.backward()
+    assert sbp_compiler.last_report().layer_inputs == (
+        "all saved (option layer_inputs='recompute': 2 chunked layer(s): nothing to gain)")
+
+
+@pytest.mark.parametrize("budget, per_token, full, chunk", [
+    (1000, 10, 4096, 64), (1000, 10, 50, 50), (1000, 10, 100, 100), (5, 10, 64, 1), (1 << 30, 1, 8192, 8192),
+])
+def test_largest_chunk(budget, per_token, full, chunk):
+    assert largest_chunk(budget, per_token, full) == chunk
+
+
+def test_memory_budget_sets_the_chunk_sizes_and_stays_exact():
+    """A budget bigger than the widths' defaults gives larger chunks, a small one smaller chunks;
+    an explicit chunk size wins; gradients are eager's either way."""
+    model = float64_throughout(build_model("llama", dtype=torch.float64))
+    inputs = batch(37, pad=5)
+    seen = {}
+    for budget in (1 << 30, 20_000):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="streambp", options={"memory_budget": budget})
+        assert_exact(model, compiled, inputs, FLOAT64_TOLERANCE)
+        report = sbp_compiler.last_report()
+        seen[budget] = (report.chunk_size, report.head.chunk_size)
+    assert seen[1 << 30] == ("from memory_budget=1073741824 (now 37 of 37 tokens)",) * 2, seen
+    small_layer, small_head = seen[20_000]
+    assert "now 37 of" not in small_layer and "now 37 of" not in small_head, seen
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="streambp", options={"memory_budget": 1 << 30, "chunk_size": 4})
+    assert_exact(model, compiled, inputs, FLOAT64_TOLERANCE)
+    assert sbp_compiler.last_report().chunk_size == 4
+
+
+@pytest.mark.parametrize("value, message", [
+    ("lots", "memory_budget must be bytes"), (1.5, "in (0, 1]"), (0, "must be positive"), (True, "memory_budget must be bytes"),
+])
+def test_bad_memory_budget(value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        sbp_compiler.StreamBPConfig.from_options({"memory_budget": value})
+
+
+def test_bad_layer_inputs():
+    with pytest.raises(ValueError, match="layer_inputs must be one of"):
+        sbp_compiler.StreamBPConfig.from_options({"layer_inputs": "offload"})
