@@ -5,7 +5,9 @@
   K/V once per layer chunk by chunk (and backpropagates dK/dV the same way).
 - Query-chunk graph: ``(*layer_inputs, key_prefix, value_prefix, [chunk_mask,] full_len, q_len,
   kv_len) -> output chunk``: the layer with the key/value operands replaced by the prefix computed
-  once and the mask replaced by the chunk's mask. The runtime passes the sequence inputs sliced
+  once and the mask replaced by the chunk's mask. An ``is_causal`` sdpa over the prefix becomes
+  ``prefix_sdpa`` (``sbp_compiler/prefix_attention.py``), which runs a causal chunk without a
+  mask; a ``chunk_mask`` input is left only where every chunk sees every key (``full_keys``). The runtime passes the sequence inputs sliced
   to the query chunk; the analysis labels every dim of the graph ``Q`` (query axis) or ``K`` (key
   axis), proves that only the attention mixes positions, and the shape arguments are rescaled to
   the chunk's lengths.
@@ -17,6 +19,8 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+
+from sbp_compiler.prefix_attention import prefix_sdpa
 
 from .attention import Attention, find_attentions
 from .key_selection import find_key_selections
@@ -39,7 +43,9 @@ class LayerSplit:
     query_slice_dims: list  # per layer input: the dim sliced to the query chunk, or None
     mask_inputs: list  # layer input indices of the masks and score biases, rebuilt per chunk
     mask_visibility: list  # per mask input: how its values say a key is visible (see _mask_roots)
-    synthesize_causal_mask: bool  # sdpa's is_causal: the runtime passes a lower-right causal mask
+    # sdpa's is_causal over all keys (``full_keys``): the runtime passes a causal chunk mask. Over
+    # the prefix the query graph is lower-right causal by itself (``prefix_sdpa``).
+    synthesize_causal_mask: bool
     kv_seq_dim: int  # sequence dim of the key/value operands
     output_seq_dim: int
     dropout_sources: list  # layer input indices whose .item() is a dropout probability
@@ -240,7 +246,7 @@ def split_layer(layer_gm: fx.GraphModule, input_labels: list, is_seq_sized, dyna
         query_slice_dims=query_slice_dims,
         mask_inputs=mask_inputs,
         mask_visibility=mask_visibility,
-        synthesize_causal_mask=not mask_inputs,
+        synthesize_causal_mask=not mask_inputs and bool(full_keys),
         kv_seq_dim=kv_seq_dim,
         output_seq_dim=output_seq_dim,
         dropout_sources=dropout_sources,
@@ -374,4 +380,17 @@ def _query_graph(layer_gm, attentions, kv_nodes, placeholders, input_labels, kv_
     if not isinstance(out_labels, tuple) or out_labels.count(Q) != 1 or K in out_labels or not all(map(is_plain, out_labels)):
         raise CannotChunk(Reason.LAYER_OUTPUTS, f"layer output sequence axes {out_labels}")
     rescaled = rescale_shape_arguments(query_gm, labels, {Q: (full_len, q_len), K: (full_len, kv_len)})
+    if not full_keys:
+        # Analysed as the layer wrote it; run over the prefix by ``prefix_sdpa``, without the
+        # chunk mask where it is causal (is_causal: none is passed at all).
+        for node, attention in by_node.items():
+            if attention.kind != "sdpa":
+                continue
+            copy = env[node]
+            copy.target = prefix_sdpa
+            if chunk_mask is not None:
+                copy.kwargs = {k: v for k, v in copy.kwargs.items() if k not in ("attn_mask", "is_causal")}
+        if chunk_mask is not None:
+            graph.erase_node(chunk_mask)
+        query_gm.recompile()
     return query_gm, out_labels.index(Q), rescaled

@@ -148,11 +148,19 @@ class _ProbeValues:
         return self.values[node]
 
 
-def _working_set_widths(nodes, labels: dict, output: torch.Tensor) -> dict:
+def _causal_text(plan: LayerPlan) -> str:
+    if plan.causal_mask_input:
+        return "lower-right causal (built per chunk)"
+    return "lower-right causal, no mask (prefix and diagonal block merged by log-sum-exp)"
+
+
+def _working_set_widths(nodes, labels: dict, output: torch.Tensor, mask_free: bool) -> dict:
     """What a chunk of the layer holds per token and per (query, key) pair, from its widest
     values along one sequence dim (MLP intermediates) and along two (scores, a given mask); at
-    least a bool chunk mask per batch row. For ``memory_budget``'s estimate."""
-    per_token, per_pair = 0, max(1, output.numel() // max(1, output.shape[-2] * output.shape[-1]))
+    least a bool chunk mask per batch row, unless the attention runs without one (``mask_free``:
+    is_causal over the prefix). For ``memory_budget``'s estimate."""
+    per_pair = 0 if mask_free else max(1, output.numel() // max(1, output.shape[-2] * output.shape[-1]))
+    per_token = 0
     for node in nodes:
         value, dims = example(node), labels.get(node)  # per dim: None, or a sequence label
         if not isinstance(value, torch.Tensor) or not dims:
@@ -490,7 +498,9 @@ def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDeci
         dropout_sources=split.dropout_sources,
         chunk_size=context.chunk_size,
         full_keys=bool(split.full_keys),
-        **_working_set_widths([*region.inputs, *region.nodes], context.labels, out_value),
+        causal_mask_input=split.synthesize_causal_mask,
+        **_working_set_widths([*region.inputs, *region.nodes], context.labels, out_value,
+                              mask_free=not masks and not split.synthesize_causal_mask),
     )
     _probe(plan, region, layer_gm, [built.inputs for built, _ in builders], split, arguments, context)
     plan_id = register_plan(plan, context.plans)
@@ -522,7 +532,7 @@ def _outline_one(context: GraphContext, region: LayerRegion, decision: LayerDeci
     kinds = [a.kind + (" grouped-query" if a.grouped_query_replication else "") for a in split.attentions]
     decision.attention = " + ".join(kinds)  # two for differential attention
     decision.keys, decision.keys_reason = ("all", split.full_keys) if split.full_keys else ("prefix", "")
-    decision.mask = "lower-right causal (built per chunk)" if not builders else "; ".join(
+    decision.mask = _causal_text(plan) if not builders else "; ".join(
         _mask_text(built) for built, _ in builders)
     decision.rescaled_arguments = split.rescaled_arguments
     return call

@@ -55,7 +55,7 @@ class LayerPlan:
     kv_graph: Callable  # (*layer_inputs sliced to a chunk, full, chunk_len) -> (key, value, ...) chunks
     query_graph: Callable  # (*layer_inputs, key_prefix, value_prefix, ..., [mask,] full, q_len, kv_len)
     layer_inputs: list[InputRef]
-    masks: list[MaskSpec]  # empty: sdpa's is_causal, a lower-right causal mask is passed instead
+    masks: list[MaskSpec]  # empty: sdpa's is_causal (``causal_mask_input``: a causal mask is passed instead)
     query_slice_dims: list[Optional[int]]  # per layer input
     kv_seq_dim: int
     output_seq_dim: int
@@ -66,6 +66,9 @@ class LayerPlan:
     # ``passes/key_selection``, or a mask computed in the layer): eager's rows whatever the
     # masks, so none is checked for causality.
     full_keys: bool = False
+    # sdpa's is_causal over all keys (``full_keys``): the query graph takes a causal chunk mask.
+    # Over the prefix it needs none (``prefix_attention.prefix_sdpa``).
+    causal_mask_input: bool = False
     # Option memory_budget (set where chunk_size is "auto"): the chunk size is then the largest
     # whose estimated working set fits, from the widest token-wise value (bytes per token) and
     # the widest (query x key) one (bytes per pair; at least the batch's chunk mask).
@@ -110,6 +113,8 @@ class LayerPlan:
         prefix), then cut to the prefix. With ``full_keys``, over all keys, unchecked."""
         keys = self.key_length(end, full)
         if not self.masks:
+            if not self.causal_mask_input:
+                return []
             query = torch.arange(start, end, device=device)
             return [torch.arange(keys, device=device)[None, :] <= query[:, None]]
         masks = [spec.builder(*values, full, start, end - start, full) for spec, values in zip(self.masks, mask_values)]
@@ -146,7 +151,7 @@ class LayerPlan:
             args[spec.layer_input] = mask
         keys = self.key_length(end, full)
         args += [t.narrow(self.kv_seq_dim, 0, keys) for t in kvs]
-        if not self.masks:
+        if self.causal_mask_input:
             args += masks
         return args + [full, end - start, keys]
 
