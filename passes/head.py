@@ -387,6 +387,7 @@ def outline_head(context: GraphContext, chunk_size, decision: HeadDecision) -> N
         token_bytes_in=token_bytes_in,
         token_bytes_widest=_token_bytes(widest, full),
         rows_per_token=_rows_per_token(widest, full),
+        hidden_width=size_hint(shape_of(max(seq_inputs, key=lambda n: _token_bytes(n, full)))[-1]),
         gradients_in_forward=_gradients_in_forward(region),
     )
     _probe(plan, region, context)

@@ -30,8 +30,12 @@ from .runtime import PLANS, InputRef
 # input and weight gradients); with fewer rows (batch x tokens) than this the time goes to reading
 # that weight and to per-chunk overhead, not to arithmetic. Measured (hidden 256, vocabulary 32768,
 # T=2048, batch 1): 16-token chunks made the step 3.7x checkpointing's, 64 1.4x, 128 1.3x, 256 1.2x
-# for 30% more memory.
+# for 30% more memory. Wider models pay less for more rows (their weights are larger beside the
+# logits) and gain more (hidden 1024, vocabulary 32768: the three matmuls of 2048 tokens took
+# 3.6 s in 128-row chunks, 2.7 s in 512-row ones): the floor is half the hidden size, within
+# [AUTO_HEAD_MIN_ROWS, AUTO_HEAD_WIDE_MIN_ROWS].
 AUTO_HEAD_MIN_ROWS = 128
+AUTO_HEAD_WIDE_MIN_ROWS = 512
 
 
 @dataclasses.dataclass
@@ -56,6 +60,7 @@ class HeadPlan:
     token_bytes_in: int  # bytes per token of the widest sequence input (the hidden state)
     token_bytes_widest: int  # bytes per token of the widest value inside the region
     rows_per_token: int = 1  # rows of that value (the logits) per token: the batch size
+    hidden_width: int = 0  # last dim of the widest sequence input (the hidden size)
     # Arguments (positions in ``inputs``) whose gradients forward computes, when the one output
     # reaches the loss only through full sums (see ``head_with_gradients``); empty otherwise.
     gradients_in_forward: list[int] = dataclasses.field(default_factory=list)
@@ -73,16 +78,21 @@ class HeadPlan:
     def chunk_length(self, full: int, device=None) -> int:
         """Tokens per chunk; "auto": a chunk's widest value (the logits) holds about as many bytes
         as one full-length hidden state (``B x T x hidden``), in a power of two, and at least
-        ``AUTO_HEAD_MIN_ROWS`` rows (batch x tokens); with a memory budget, the largest chunk
+        ``min_rows()`` rows (batch x tokens); with a memory budget, the largest chunk
         whose logits and their float32 softmax and gradient fit."""
         if self.chunk_size != "auto":
             return max(1, min(full, self.chunk_size))
         budget = budget_bytes(self.memory_budget, device or torch.device("cpu")) if self.memory_budget is not None else None
         if budget is not None:
             return largest_chunk(budget, HEAD_COPIES * self.token_bytes_widest, full)
-        floor = -(-AUTO_HEAD_MIN_ROWS // max(1, self.rows_per_token))
+        floor = -(-self.min_rows() // max(1, self.rows_per_token))
         tokens = max(floor, full * self.token_bytes_in // max(1, self.token_bytes_widest))
         return max(1, min(full, 1 << (tokens.bit_length() - 1)))
+
+    def min_rows(self) -> int:
+        """Rows (batch x tokens) of an "auto" chunk at least: half the hidden size, within
+        [AUTO_HEAD_MIN_ROWS, AUTO_HEAD_WIDE_MIN_ROWS]."""
+        return min(AUTO_HEAD_WIDE_MIN_ROWS, max(AUTO_HEAD_MIN_ROWS, self.hidden_width // 2))
 
     def chunks(self, full: int, device=None):
         size = self.chunk_length(full, device)

@@ -19,7 +19,7 @@ def test_defaults():
     assert config.chunk_size == "auto" and config.inner_compiler == "eager"
 
 
-@pytest.mark.parametrize("hidden, chunk", [(32, 64), (256, 128), (512, 256), (1024, 512), (4096, 1024), (8192, 1024)])
+@pytest.mark.parametrize("hidden, chunk", [(32, 64), (256, 256), (300, 256), (512, 512), (1024, 1024), (4096, 1024), (8192, 1024)])
 def test_auto_chunk_size(hidden, chunk):
     assert auto_chunk_size(hidden) == chunk
 
