@@ -66,6 +66,35 @@ class InputGradients:
         ]
 
 
+def shared_leaves(grads: InputGradients, whole_inputs: dict) -> dict:
+    """Gradient-tracking leaves for an op's whole inputs (weights), shared by every chunk:
+    ``whole_inputs`` maps a key to ``(index in grads, tensor)``. Autograd puts a chunk's gradient
+    of a leaf in its ``.grad`` the moment it is computed; a hook adds it into ``grads`` and drops
+    it, so beside the running sums there is at most one weight's chunk gradient at a time, not
+    one for every weight of the layer."""
+    leaves = {}
+    for key, (index, tensor) in whole_inputs.items():
+        leaf = tensor.detach().requires_grad_()
+
+        def take(leaf, index=index):
+            grads.add(index, leaf.grad)
+            leaf.grad = None
+
+        leaf.register_post_accumulate_grad_hook(take)
+        leaves[key] = leaf
+    return leaves
+
+
+def backward_into_leaves(outputs, seeds, leaves: Sequence[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """Backpropagate ``seeds`` from ``outputs`` into ``leaves``: each leaf's gradient, or None
+    where none reached it or a ``shared_leaves`` hook already took it; no ``.grad`` is left set."""
+    torch.autograd.backward(outputs, seeds, inputs=list(leaves))
+    leaf_grads = [leaf.grad for leaf in leaves]
+    for leaf in leaves:
+        leaf.grad = None
+    return leaf_grads
+
+
 def inputs_needing_grad(tensors: Sequence[torch.Tensor]) -> list[bool]:
     return [t.requires_grad and (t.is_floating_point() or t.is_complex()) for t in tensors]
 

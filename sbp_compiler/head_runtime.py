@@ -21,7 +21,8 @@ import sympy
 import torch
 
 from .chunked_autograd import (
-    InputGradients, autograd_in_kernel, grad_placeholders_fake, inputs_needing_grad, op_input_grads, save_op_inputs,
+    InputGradients, autograd_in_kernel, backward_into_leaves, grad_placeholders_fake, inputs_needing_grad,
+    op_input_grads, save_op_inputs, shared_leaves,
 )
 from .memory_budget import HEAD_COPIES, budget_bytes, largest_chunk
 from .runtime import PLANS, InputRef
@@ -191,7 +192,9 @@ def head_forward_with_gradients(
     grads = InputGradients([arguments[i] for i in wanted], [True] * len(wanted))
     output = None
     with autograd_in_kernel():
-        whole_leaves = {i: arguments[i].detach().requires_grad_() for i in wanted if plan.input_seq_dims[i] is None}
+        whole_leaves = shared_leaves(grads, {
+            i: (position, arguments[i]) for position, i in enumerate(wanted) if plan.input_seq_dims[i] is None
+        })
         for start, end in plan.chunks(full, tensors[plan.seq_input].device):
             args = plan.sliced(arguments, start, end)
             leaves = {i: whole_leaves[i] if i in whole_leaves else args[i].detach().requires_grad_() for i in wanted}
@@ -204,7 +207,7 @@ def head_forward_with_gradients(
             source, _ = plan.output_view(chunk.detach(), layout, binding, end - start)
             target.narrow(dim, start, end - start).copy_(source)
             if chunk.requires_grad:
-                leaf_grads = torch.autograd.grad(chunk, list(leaves.values()), torch.ones_like(chunk), allow_unused=True)
+                leaf_grads = backward_into_leaves(chunk, torch.ones_like(chunk), list(leaves.values()))
                 grads.add_chunk(range(len(leaves)), leaf_grads, [plan.input_seq_dims[i] for i in leaves], start, end)
                 del leaf_grads
             del chunk, args, leaves
@@ -238,9 +241,9 @@ def head_backward(
     grads = InputGradients(tensors, needs_grad)
     wanted = [i for i, r in enumerate(plan.inputs) if r.kind == "tensor" and needs_grad[r.index]]
     with autograd_in_kernel():
-        whole_leaves = {
-            i: arguments[i].detach().requires_grad_() for i in wanted if plan.input_seq_dims[i] is None
-        }
+        whole_leaves = shared_leaves(grads, {
+            i: (plan.inputs[i].index, arguments[i]) for i in wanted if plan.input_seq_dims[i] is None
+        })
         for start, end in plan.chunks(full, tensors[plan.seq_input].device):
             args = plan.sliced(arguments, start, end)
             leaves = {i: whole_leaves[i] if i in whole_leaves else args[i].detach().requires_grad_() for i in wanted}
@@ -256,7 +259,7 @@ def head_backward(
                 seeds.append(grad_view.narrow(dim, start, end - start).reshape(output.shape))
             if not differentiable:
                 continue
-            leaf_grads = torch.autograd.grad(differentiable, list(leaves.values()), seeds, allow_unused=True)
+            leaf_grads = backward_into_leaves(differentiable, seeds, list(leaves.values()))
             grads.add_chunk([plan.inputs[i].index for i in leaves], leaf_grads,
                             [plan.input_seq_dims[i] for i in leaves], start, end)
             del leaf_grads, chunk_outputs, args, leaves, differentiable, seeds

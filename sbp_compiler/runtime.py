@@ -24,7 +24,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .chunked_autograd import InputGradients, accumulator_like, autograd_in_kernel, grad_placeholders_fake, op_input_grads, save_op_inputs
+from .chunked_autograd import (
+    InputGradients, accumulator_like, autograd_in_kernel, backward_into_leaves, grad_placeholders_fake, op_input_grads,
+    save_op_inputs, shared_leaves,
+)
 from .memory_budget import LAYER_COPIES, MASK_PAIR_BYTES, budget_bytes, largest_chunk
 
 log = logging.getLogger(__name__)
@@ -283,9 +286,9 @@ def layer_backward(
         with torch.no_grad():
             kvs = plan.key_value(values, full, size)
         grad_kvs = [accumulator_like(t) for t in kvs]
-        whole_leaves = {
-            i: values[i].detach().requires_grad_() for i in wanted if plan.query_slice_dims[i] is None
-        }
+        whole_leaves = shared_leaves(grads, {
+            i: (plan.layer_inputs[i].index, values[i]) for i in wanted if plan.query_slice_dims[i] is None
+        })
         n, count = len(values), len(kvs)
         for start, end in plan.chunks(full, size):
             args = plan.query_args(values, mask_values, kvs, start, end, full)
@@ -294,11 +297,10 @@ def layer_backward(
             for i in range(n, n + count):
                 args[i] = args[i].detach().requires_grad_()
                 prefixes.append(args[i])
-            chunk_grads = torch.autograd.grad(
+            chunk_grads = backward_into_leaves(
                 plan.query_graph(*args),
-                [*prefixes, *leaves.values()],
                 grad_output.narrow(plan.output_seq_dim, start, end - start),
-                allow_unused=True,
+                [*prefixes, *leaves.values()],
             )
             for target, grad in zip(grad_kvs, chunk_grads[:count]):
                 if grad is not None:
@@ -320,9 +322,7 @@ def layer_backward(
                 for out, grad in zip(parts, grad_kvs) if out.requires_grad
             ]
             if pairs:
-                kv_grads = torch.autograd.grad(
-                    [out for out, _ in pairs], list(leaves.values()), [g for _, g in pairs], allow_unused=True
-                )
+                kv_grads = backward_into_leaves([out for out, _ in pairs], [g for _, g in pairs], list(leaves.values()))
                 accumulate(leaves, kv_grads, start, end)
                 del kv_grads
             del args, leaves, parts, pairs
