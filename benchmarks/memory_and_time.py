@@ -13,6 +13,11 @@ Methods, on the same model and data:
   streambp_inductor  the same with ``options={"inner_compiler": "inductor"}`` (chunk subgraphs
                   compiled too)
   streambp:N      streambp with ``options={"chunk_size": N}`` (the default is "auto")
+  streambp_budget:M  streambp with ``options={"memory_budget": M MiB}`` (chunk sizes from the budget)
+  streambp_recompute  streambp with ``options={"layer_inputs": "recompute"}`` (only segment
+                  boundaries' layer inputs saved, the others recomputed in backward)
+  streambp_offload  streambp with ``options={"layer_inputs": "offload"}`` (layer inputs saved in
+                  host memory; on a CPU the host is the device, so it saves nothing there)
   streambp_model  the model itself compiled, ``torch.compile(model, backend="streambp",
                   options={"skip_logits": True})``, called with ``labels=`` (SFT only): the
                   line a Hugging Face user writes
@@ -46,14 +51,16 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 from sbp_compiler import objectives
 from sbp_compiler.profiling import measure_peak_memory, time_step
 
-METHODS = ("eager", "checkpointing", "budget0", "streambp", "streambp_inductor", "streambp_model")
+METHODS = ("eager", "checkpointing", "budget0", "streambp", "streambp_inductor", "streambp_model", "streambp_recompute",
+           "streambp_offload")
 OBJECTIVES = ("sft", "dpo", "grpo")
 
 
 def method_name(text: str) -> str:
-    base, _, chunk = text.partition(":")
-    if base not in METHODS or (chunk and (base != "streambp" or not chunk.isdigit())):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected one of {METHODS} or streambp:<chunk size>")
+    base, _, number = text.partition(":")
+    if not (base in METHODS and not number or base in ("streambp", "streambp_budget") and number.isdigit()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected one of {METHODS}, streambp:<chunk size> or streambp_budget:<MiB>")
     return text
 
 
@@ -61,7 +68,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--methods", nargs="+", type=method_name,
-                        default=[m for m in METHODS if m not in ("streambp_inductor", "streambp_model")],
+                        default=[m for m in METHODS if m not in ("streambp_inductor", "streambp_model", "streambp_recompute",
+                                                                 "streambp_offload")],
                         help=f"of {METHODS}; streambp:N runs streambp with chunk_size N")
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     parser.add_argument("--hidden-size", type=int, default=256)
@@ -145,10 +153,15 @@ def step_function(method, objective, model):
             return loss_of(objective, compiled, inputs)
 
         return model_loss
+    if method.startswith("streambp_budget:"):
+        budget = int(method.partition(":")[2]) * 2 ** 20
+        return torch.compile(loss, backend="streambp", options={"memory_budget": budget})
     if method.startswith("streambp:"):
         return torch.compile(loss, backend="streambp", options={"chunk_size": int(method.partition(":")[2])})
     if method == "streambp":
         return torch.compile(loss, backend="streambp")
+    if method in ("streambp_recompute", "streambp_offload"):
+        return torch.compile(loss, backend="streambp", options={"layer_inputs": method.partition("_")[2]})
     if method == "streambp_inductor":
         return torch.compile(loss, backend="streambp", options={"inner_compiler": "inductor"})
     if method == "budget0":
@@ -251,11 +264,18 @@ def markdown(args, points, fits, confirmations=()):
                   f"{measured[0].parameter_bytes / mb if measured else 0:.1f} MB, which exist before the step): " + "; ".join(
             f"{m} " + ", ".join(f"{p.total_bytes() / p.floor_bytes:.2f} at {p.length}" for p in measured if p.method == m)
             for m in args.methods if any(p.method == m for p in measured))]
+        slopes = fits.get(objective, {})
+        if slopes:
+            base = slopes.get("streambp", (None,))[0]
+            lines += ["", "Per-token memory (slope of a least-squares line through the peaks), kB per token: " + ", ".join(
+                f"{m} {a / 1000:.2f}" + (f" ({base / a:.2f}x less than streambp)" if base and m != "streambp" and a < base else "")
+                for m, (a, _) in slopes.items())]
         lines += [f"{p.method} failed: {p.failure}" for p in points if p.objective == objective and p.failure]
         timed = {p.method: p.step_seconds for p in points if p.objective == objective and p.step_seconds}
-        if "checkpointing" in timed:
-            base = timed["checkpointing"]
-            lines += ["", f"Step time at T={args.time_at or min(args.lengths)} (ratio to checkpointing): " + ", ".join(
+        if timed:
+            reference = "checkpointing" if "checkpointing" in timed else next(iter(timed))
+            base = timed[reference]
+            lines += ["", f"Step time at T={args.time_at or min(args.lengths)} (ratio to {reference}): " + ", ".join(
                 f"{m} {timed[m]:.2f} s ({timed[m] / base:.2f}x)" for m in args.methods if m in timed)]
         if args.budget_mb and objective in fits:
             longest = longest_lengths(args, fits[objective])

@@ -16,7 +16,10 @@ from typing import Callable, Optional
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.debugging import boxed_nop
+from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._logging import trace_structured
+
+from passes.offload import offload_layer_inputs
 
 from .autocast import AutocastState
 from .chunk_compiler import compiled_chunk_graph
@@ -105,9 +108,32 @@ def _owned(compiled, plans: list):
     return compiled
 
 
+def _offloading_partition(report: GraphReport):
+    """AOTAutograd's default partition, then the saved layer inputs moved to host memory
+    (``passes/offload.py``): only the partitioned graphs say what forward saves."""
+
+    def partition(joint, joint_inputs, *args, num_fwd_outputs, **kwargs):
+        def default():
+            return min_cut_rematerialization_partition(joint, joint_inputs, *args, num_fwd_outputs=num_fwd_outputs,
+                                                       **kwargs)
+
+        fw, bw = default()
+        try:
+            report.layer_inputs = offload_layer_inputs(fw, bw, num_fwd_outputs).describe()
+        except Exception as error:  # the safety net: partly rewritten graphs are dropped, nothing offloaded
+            log.warning("streambp: layer inputs not offloaded: %s: %s", type(error).__name__, error)
+            report.layer_inputs = f"all saved on the device (option layer_inputs='offload' failed: {error})"
+            fw, bw = default()
+        return fw, bw
+
+    return partition
+
+
 def _compile_graph(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, example_inputs, plans: list,
-                   piece: str = ""):
-    """``gm`` through AOTAutograd with the inner compiler; its compiled code owns ``plans``."""
+                   piece: str = "", offload_report: Optional[GraphReport] = None):
+    """``gm`` through AOTAutograd with the inner compiler; its compiled code owns ``plans``.
+    With ``offload_report``, the saved layer inputs go to host memory (``layer_inputs="offload"``)
+    and the report says which."""
     if config.inner_compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
@@ -126,15 +152,19 @@ def _compile_graph(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, ex
 
         return compiler
 
-    compiled = aot_autograd(fw_compiler=keep(f"aot_forward{piece}"), bw_compiler=keep(f"aot_backward{piece}"))(
-        gm, example_inputs)
+    extra = {}
+    if offload_report is not None:
+        extra["partition_fn"] = _offloading_partition(offload_report)
+    compiled = aot_autograd(fw_compiler=keep(f"aot_forward{piece}"), bw_compiler=keep(f"aot_backward{piece}"),
+                            **extra)(gm, example_inputs)
     return _owned(compiled, plans)
 
 
-def _inner_compile(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, example_inputs, plans: list,
-                   report: GraphReport):
+def _inner_compile(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, example_inputs, state: PassState):
+    plans, report = state.plans, state.report
     if not wants_layer_pieces(gm):
-        return _compile_graph(config, dump, gm, example_inputs, plans)
+        return _compile_graph(config, dump, gm, example_inputs, plans,
+                              offload_report=report if state.offload_layer_inputs else None)
     counter = itertools.count()
 
     def compile_piece(piece: fx.GraphModule, inputs):
@@ -177,7 +207,7 @@ def streambp(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None)
         report.hints.append(DDP_OPTIMIZER_HINT)
         warn_once(DDP_OPTIMIZER_HINT)
     dump("streambp", gm)
-    compiled = _inner_compile(config, dump, gm, example_inputs, state.plans, report)
+    compiled = _inner_compile(config, dump, gm, example_inputs, state)
     dump.text("report.txt", str(report))
     log.info("%s", report)
     return compiled

@@ -6,7 +6,7 @@ import os
 from typing import Optional, Union
 
 INNER_COMPILERS = ("eager", "inductor")
-LAYER_INPUTS = ("keep", "recompute")
+LAYER_INPUTS = ("keep", "recompute", "offload")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +58,12 @@ class StreamBPConfig:
                     segment boundaries and recomputes the others in backward with the same
                     chunked forward (exact: the same values; one more forward of most layers):
                     with L layers about sqrt(2 L) inputs exist at once instead of L (16 layers:
-                    6). It applies to the layers of one graph (not to layers compiled as graphs
-                    of their own: FSDP2 units, DDP's per-layer pieces).
+                    6). "offload" saves every input in host memory: copied out after the layer's
+                    forward (on CUDA on a side stream into pinned memory), reloaded during the
+                    backward of the layer above, so the device holds about two at a time (on
+                    CPU the same copies run host to host, saving nothing). Both apply to the
+                    layers of one graph (not to layers compiled as graphs of their own: FSDP2
+                    units, DDP's per-layer pieces).
     disable_passes: names of passes of ``sbp_compiler.pipeline.PASSES`` to skip, for debugging
                     (``("head",)`` keeps the LM head unchunked).
     """
@@ -87,6 +91,9 @@ class StreamBPConfig:
             )
         if self.layer_inputs not in LAYER_INPUTS:
             raise ValueError(f"streambp option layer_inputs must be one of {LAYER_INPUTS}, got {self.layer_inputs!r}")
+        if self.layer_inputs == "offload" and self.inner_compiler == "inductor":
+            raise ValueError("streambp option layer_inputs='offload' needs inner_compiler='eager': Inductor partitions "
+                             "the graph itself, and its own offloading does not know the layer inputs")
         if not isinstance(self.skip_logits, bool):
             raise ValueError(f"streambp option skip_logits must be True or False, got {self.skip_logits!r}")
         if self.debug_dir is not None and not isinstance(self.debug_dir, (str, os.PathLike)):

@@ -52,6 +52,7 @@ class PassState:
     functionalized: Optional[Functionalized] = None
     graph: Optional[GraphContext] = None  # set by the layer pass, read by the head pass
     plans: list = dataclasses.field(default_factory=list)  # the plans of the chunked ops: owned by the compiled graph
+    offload_layer_inputs: bool = False  # set by the layer_inputs pass, done after AOTAutograd's partition
 
     @property
     def mutated(self) -> set:
@@ -158,11 +159,17 @@ def memory_budget_pass(gm: fx.GraphModule, state: PassState) -> None:
 
 
 def layer_inputs_pass(gm: fx.GraphModule, state: PassState) -> None:
-    if state.config.layer_inputs != "recompute" or not state.report.chunked_layers:
+    mode = state.config.layer_inputs
+    if mode == "keep" or not state.report.chunked_layers:
         return
     if wants_layer_pieces(gm):
-        state.report.layer_inputs = ("all saved (option layer_inputs='recompute': under DDP the layers are compiled "
+        state.report.layer_inputs = (f"all saved (option layer_inputs={mode!r}: under DDP the layers are compiled "
                                      "as pieces of their own, and a piece's input is saved by its piece)")
+        return
+    if mode == "offload":
+        # Done after AOTAutograd's partition (passes/offload.py), which says what forward saves.
+        state.report.layer_inputs = "all saved on the device (option layer_inputs='offload': no graph needing backward)"
+        state.offload_layer_inputs = True
         return
     plan = tag_recomputed_layers(gm)
     if plan.reason:
@@ -184,7 +191,8 @@ PASSES: list[tuple[str, Callable[[fx.GraphModule, PassState], None]]] = [
     ("skip_logits", skip_logits_pass),  # option skip_logits: returned logits -> None beside a loss
     ("head", head_pass),  # LM head and loss -> streambp::head
     ("memory_budget", memory_budget_pass),  # option memory_budget: chunk sizes from a budget
-    ("layer_inputs", layer_inputs_pass),  # option layer_inputs="recompute": layer ops tagged for recompute
+    ("layer_inputs", layer_inputs_pass),  # layer_inputs="recompute": layer ops tagged for recompute ("offload":
+    # after AOTAutograd's partition, passes/offload.py)
 ]
 PASS_NAMES = tuple(name for name, _ in PASSES)
 

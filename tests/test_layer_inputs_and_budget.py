@@ -1,11 +1,13 @@
 """Options ``layer_inputs="recompute"`` (segment boundaries' layer inputs saved, the others
-recomputed in backward) and ``memory_budget`` (chunk sizes from a budget): gradients equal eager
-autograd's, fewer layer inputs are saved, and the chunk sizes follow the budget."""
+recomputed in backward), ``layer_inputs="offload"`` (every input saved in host memory, reloaded
+one layer ahead) and ``memory_budget`` (chunk sizes from a budget): gradients equal eager
+autograd's, fewer layer inputs are saved (or they are saved where the rewritten graphs say), and
+the chunk sizes follow the budget."""
 import pytest
 import torch
 
 import sbp_compiler
-from models import assert_exact, batch, build_model, float64_throughout
+from models import assert_exact, batch, build_model, float64_throughout, loss_and_grads, max_relative_error
 from passes.layer_inputs import segment_lengths
 from sbp_compiler.memory_budget import largest_chunk
 from sbp_compiler.profiling import trace_memory
@@ -24,22 +26,32 @@ def test_segments_cover_the_layers_and_bound_what_is_alive(layers):
     assert alive <= max(peak, min(layers, 2)), (lengths, alive)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2", "qwen3", "gemma3_text", "mixtral"])
-def test_recompute_is_exact(arch):
-    """Five layers (saved: layers 0 and 3), lengths that are and are not multiples of the chunk,
-    a second length (dynamic), right padding, batch 2. Mixtral: float32 (its grouped matmul has
-    no float64) and one length (its dispatch is refused under dynamic shapes)."""
+# What the report says of a five-layer model's inputs, per mode.
+EXPECTED_LAYER_INPUTS = {"recompute": "2 of 5 saved (layers [0, 3])", "offload": "5 of 5 offloaded to host memory"}
+
+
+@pytest.mark.parametrize("mode,arch", [
+    *[("recompute", arch) for arch in ("llama", "mistral", "gpt2", "qwen3", "gemma3_text", "mixtral")],
+    *[("offload", arch) for arch in ("llama", "gpt2", "gemma3_text", "mixtral")],
+])
+def test_layer_inputs_modes_are_exact(mode, arch):
+    """Five layers; "recompute" saves layers 0 and 3, "offload" saves every input as a host copy
+    (on CPU host to host: the graph CUDA runs) reloaded in backward. Lengths that are and are
+    not multiples of the chunk, a second length (dynamic), right padding, batch 2; mistral and
+    gemma3_text have sliding windows. Mixtral: float32 (its grouped matmul has no float64) and
+    one length (its dispatch is refused under dynamic shapes)."""
     layers = dict(n_layer=5) if arch == "gpt2" else dict(num_hidden_layers=5)
     if arch == "mixtral":
         model, tolerance, lengths = build_model(arch, dtype=torch.float32, **layers), 1e-5, (13,)
     else:
-        model, tolerance, lengths = float64_throughout(build_model(arch, **layers)), FLOAT64_TOLERANCE, (13, 8, 21)
-    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4, "layer_inputs": "recompute"})
+        model, tolerance, lengths = float64_throughout(build_model(arch, **layers)), FLOAT64_TOLERANCE, (13, 8)
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4, "layer_inputs": mode})
     for length in lengths:
         assert_exact(model, compiled, batch(length, pad=3), tolerance)
         report = sbp_compiler.last_report()
         assert report.layers and all(layer.chunked for layer in report.layers), report
-        assert report.layer_inputs.startswith("2 of 5 saved (layers [0, 3])"), report
+        assert report.layer_inputs.startswith(EXPECTED_LAYER_INPUTS[mode]), report
+        assert "kept" not in report.layer_inputs, report
 
 
 def hidden_sized_saved_tensors(fn, inputs, hidden_shape) -> int:
@@ -99,7 +111,8 @@ def test_recompute_lowers_the_peak_by_the_inputs_not_saved():
                 compiled(ids).backward()
                 model.zero_grad(set_to_none=True)
 
-            step()
+            if length == 1024:
+                step()  # compile (dynamic: once for both lengths) outside the measurement
             peaks.append(trace_memory(step)[1].peak_bytes)
         growth[mode] = peaks[1] - peaks[0]
     hidden_states = 1024 * 128 * 4  # the growth of one hidden state
@@ -153,4 +166,63 @@ def test_bad_memory_budget(value, message):
 
 def test_bad_layer_inputs():
     with pytest.raises(ValueError, match="layer_inputs must be one of"):
-        sbp_compiler.StreamBPConfig.from_options({"layer_inputs": "offload"})
+        sbp_compiler.StreamBPConfig.from_options({"layer_inputs": "host"})
+    with pytest.raises(ValueError, match="'offload' needs inner_compiler='eager'"):
+        sbp_compiler.StreamBPConfig.from_options({"layer_inputs": "offload", "inner_compiler": "inductor"})
+
+
+def _code_lines(directory, suffix):
+    (path,) = [p for p in directory.rglob(f"*_{suffix}.py")]
+    return path.read_text().splitlines()
+
+
+def test_offload_copies_out_after_forward_and_prefetches_one_layer_ahead(tmp_path):
+    """The rewritten graphs: forward copies each layer input out and waits for the copy after
+    the next layer's op, and saves the host copy; backward starts each reload before the
+    backward of the layer above and waits for it just before the layer's own."""
+    model = build_model("llama", dtype=torch.float32, num_hidden_layers=4)
+    compiled = torch.compile(model, backend="streambp",
+                             options={"chunk_size": 4, "layer_inputs": "offload", "debug_dir": str(tmp_path)})
+    compiled(**batch(9)).loss.backward()
+    forward, backward = _code_lines(tmp_path, "aot_forward"), _code_lines(tmp_path, "aot_backward")
+
+    def lines_with(lines, text):
+        return [i for i, line in enumerate(lines) if text in line]
+
+    layer_calls = lines_with(forward, "torch.ops.streambp.layer.default(")
+    offloads = lines_with(forward, "torch.ops.streambp.offload.default(")
+    waits = lines_with(forward, "torch.ops.streambp.transfer_wait.default(")
+    assert len(layer_calls) == len(offloads) == len(waits) == 4, forward
+    for k in range(4):
+        assert layer_calls[k] < offloads[k] < waits[k]
+        if k + 1 < 4:
+            assert layer_calls[k + 1] < waits[k], "the wait comes after the next layer's op"
+    returned = forward[lines_with(forward, "return (")[0]]
+    assert returned.count("offloaded_") == 4, returned
+    backward_calls = lines_with(backward, "torch.ops.streambp.layer_backward.default(")
+    reloads = lines_with(backward, "torch.ops.streambp.reload.default(")
+    assert len(backward_calls) == len(reloads) == 4, backward
+    for k, call in enumerate(backward_calls):
+        name = backward[call].split("(", 1)[1].split("[", 1)[1].split(",", 1)[0]  # the layer input it reads
+        assert name.startswith("reloaded_offloaded_"), backward[call]
+        reload_name = "reload_" + name[len("reloaded_"):] + ":"
+        reload = next(i for i in reloads if backward[i].lstrip().startswith(reload_name))
+        assert reload < call
+        assert k == 0 or backward_calls[k - 1] > reload, "the reload starts before the layer above's backward"
+
+
+def test_offload_keeps_a_layer_input_that_is_the_graph_input():
+    """A layer compiled on its own (FSDP2's units): its input belongs to the caller, so it stays."""
+    model = float64_throughout(build_model("llama"))
+    reference = float64_throughout(build_model("llama"))
+    reference.load_state_dict(model.state_dict())
+    for block in model.model.layers:
+        block.compile(backend="streambp", options={"chunk_size": 4, "layer_inputs": "offload"})
+    inputs = batch(11, pad=2)
+    ref_loss, ref_grads = loss_and_grads(reference, reference, inputs)
+    loss, grads = loss_and_grads(model, model, inputs)
+    assert torch.allclose(loss, ref_loss, rtol=FLOAT64_TOLERANCE, atol=0)
+    assert max_relative_error(ref_grads, grads) <= FLOAT64_TOLERANCE
+    assert sbp_compiler.last_report().layer_inputs == (
+        "0 of 1 offloaded to host memory after their layer's forward, each reloaded during the backward of the "
+        "layer above it (option layer_inputs='offload'); kept: layer 0 (an input of the graph, held by its caller)")
