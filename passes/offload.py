@@ -28,12 +28,12 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import extract_tensor_metadata
 
 import sbp_compiler.offload_ops  # noqa: F401  (registers the streambp transfer ops)
+from sbp_compiler.layer_pieces import layer_ops
 from sbp_compiler.runtime import PLANS
 
 OFFLOAD = torch.ops.streambp.offload.default
 RELOAD = torch.ops.streambp.reload.default
 WAIT = torch.ops.streambp.transfer_wait.default
-LAYER = torch.ops.streambp.layer.default
 LAYER_BACKWARD = torch.ops.streambp.layer_backward.default
 
 
@@ -66,9 +66,7 @@ def _view_base(node: fx.Node) -> fx.Node:
     return node
 
 
-def _why_kept(x, returned: set, saved: list) -> str:
-    if not isinstance(x, fx.Node):
-        return "not a tensor of the graph"
+def _why_kept(x: fx.Node, returned: set, saved: list) -> str:
     if x.op == "placeholder":
         return "an input of the graph, held by its caller"
     if x in returned:
@@ -94,7 +92,7 @@ def offload_layer_inputs(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs
     output = fw.graph.find_nodes(op="output")[0]
     outputs = list(output.args[0])
     returned, saved = set(outputs[:num_fwd_outputs]), outputs[num_fwd_outputs:]
-    calls = [n for n in fw.graph.nodes if n.op == "call_function" and n.target is LAYER]
+    calls = layer_ops(fw)
     result = OffloadResult(layers=len(calls))
     order = {n: i for i, n in enumerate(fw.graph.nodes)}
     placeholders = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
@@ -139,6 +137,10 @@ def _reload_in_backward(bw: fx.GraphModule, offloaded: dict) -> None:
     """Each backward placeholder of ``offloaded`` (-> the forward's wait node it now receives)
     becomes a host tensor, reloaded one layer backward ahead of its first use."""
     graph = bw.graph
+    # Positions of the original nodes (the users found below are among them; the nodes inserted
+    # here do not change their relative order).
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    backwards = [n for n in graph.nodes if n.op == "call_function" and n.target is LAYER_BACKWARD]
     for old, waited in offloaded.items():
         with graph.inserting_after(old):
             host = graph.placeholder(waited.name)
@@ -146,9 +148,7 @@ def _reload_in_backward(bw: fx.GraphModule, offloaded: dict) -> None:
         device_value = old.meta["val"]
         old.replace_all_uses_with(host)
         graph.erase_node(old)
-        order = {n: i for i, n in enumerate(graph.nodes)}
         first = min(host.users, key=order.__getitem__)
-        backwards = [n for n in graph.nodes if n.op == "call_function" and n.target is LAYER_BACKWARD]
         earlier = [n for n in backwards if order[n] < order[first]]
         # Prefetch: the copy starts before the backward of the layer above (the op just before).
         with graph.inserting_before(earlier[-1] if earlier else first):
