@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py --method streambp --length 4096
     python benchmarks/profile_step.py --method checkpointing --length 4096
     python benchmarks/profile_step.py --hidden-size 1024 --layers 2 --length 2048 --matmuls   # GFLOP/s per shape
+    python benchmarks/profile_step.py --live-at-peak   # the tensors alive at the step's memory peak
 
 Same model, data and methods as ``memory_and_time.py`` (SFT objective). One warm-up step, then one
 profiled step. The shares of the total are what to read: this machine's absolute times are noisy.
@@ -30,6 +31,9 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=20, help="ops to list")
     parser.add_argument("--matmuls", action="store_true",
                         help="also list the matmuls by shape: GFLOP, seconds and GFLOP/s (profiler's FLOP counts)")
+    parser.add_argument("--live-at-peak", action="store_true",
+                        help="instead of the time table: the allocations alive at the step's memory peak, in "
+                             "units of one tokens x hidden activation")
     args = parser.parse_args(argv)
 
     model_args = argparse.Namespace(hidden_size=args.hidden_size, layers=args.layers,
@@ -44,6 +48,9 @@ def main(argv=None):
             step_loss(inputs).backward()
 
         step()  # warm-up: compilation
+        if args.live_at_peak:
+            print(live_at_peak_table(step, args, model))
+            return
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=args.matmuls,
                                     record_shapes=args.matmuls) as prof:
             step()
@@ -51,6 +58,26 @@ def main(argv=None):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if args.matmuls:
         print(matmul_table(prof, args.rows))
+
+
+def live_at_peak_table(step, args, model) -> str:
+    """The allocations alive at the peak, grouped by size, each size also in units of one
+    ``tokens x hidden`` activation (a layer input, a gradient of one): what the peak is made of."""
+    from sbp_compiler.profiling import trace_memory
+
+    _, trace = trace_memory(step)
+    unit = args.length * args.hidden_size * next(model.parameters()).element_size()
+    by_size = collections.Counter(trace.live_at_peak)
+    lines = [f"peak {trace.peak_bytes / 2**20:.1f} MB = {trace.peak_bytes / unit:.2f} units of tokens x hidden "
+             f"({unit / 2**20:.2f} MB); parameters (resident before the step) not counted",
+             "| bytes | count | units each | MB in all |", "|---:|---:|---:|---:|"]
+    for size, count in sorted(by_size.items(), key=lambda item: -item[0] * item[1]):
+        if size * count < unit / 64:
+            continue
+        lines.append(f"| {size} | {count} | {size / unit:.3f} | {size * count / 2**20:.2f} |")
+    small = sum(size * count for size, count in by_size.items() if size * count < unit / 64)
+    lines.append(f"(the rest, {small / 2**20:.2f} MB, in allocations of under 1/64 unit each size)")
+    return "\n".join(lines)
 
 
 def matmul_table(prof, rows: int) -> str:

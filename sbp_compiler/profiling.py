@@ -23,11 +23,13 @@ class MemoryTrace:
     ``peak_bytes`` is the highest point reached by the running sum of the
     bytes allocated during the call minus those of them freed during the call.
     Freeing memory that existed before the call does not lower it.
-    ``allocations`` lists the size of every allocation, in order.
+    ``allocations`` lists the size of every allocation, in order; ``live_at_peak`` the sizes of
+    the allocations alive at the peak, largest first (what to cut to lower it).
     """
 
     peak_bytes: int
     allocations: tuple[int, ...]
+    live_at_peak: tuple[int, ...] = ()
 
 
 def _allocation_events(prof):
@@ -54,7 +56,7 @@ def trace_memory(fn: Callable[[], T]) -> tuple[T, MemoryTrace]:
     # subtracted and make the peak depend on what was profiled before.
     live = set()
     current = peak = 0
-    allocations = []
+    allocations, counted, peak_at = [], [], 0
     for event in events:
         ptr, nbytes = event.extra_fields.ptr, event.extra_fields.alloc_size
         if nbytes > 0:
@@ -64,9 +66,20 @@ def trace_memory(fn: Callable[[], T]) -> tuple[T, MemoryTrace]:
             live.remove(ptr)
         else:
             continue  # a block allocated before the call
+        counted.append((ptr, nbytes))
         current += nbytes
-        peak = max(peak, current)
-    return result, MemoryTrace(peak_bytes=peak, allocations=tuple(allocations))
+        if current > peak:
+            peak, peak_at = current, len(counted)
+    # What was alive at the peak: replay once up to it (copying the live set at every new peak
+    # would be quadratic on long traces).
+    alive = {}
+    for ptr, nbytes in counted[:peak_at]:
+        if nbytes > 0:
+            alive[ptr] = nbytes
+        else:
+            del alive[ptr]
+    return result, MemoryTrace(peak_bytes=peak, allocations=tuple(allocations),
+                               live_at_peak=tuple(sorted(alive.values(), reverse=True)))
 
 
 def measure_peak_memory(fn: Callable[[], T]) -> tuple[T, int]:
