@@ -165,6 +165,43 @@ def has_side_effect(node: fx.Node) -> bool:
     return node.is_impure() or mutated_argument(node) is not None or is_random(node) or changes_global_state(node)
 
 
+def _returns_alias(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+def is_view(node: fx.Node) -> bool:
+    """Whether an op node's value may share memory with an input of the op: a view op's output,
+    or an element of an aliasing op's list (``split``)."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        source = node.args[0]
+        return isinstance(source, fx.Node) and source.op == "call_function" and _returns_alias(source)
+    return _returns_alias(node)
+
+
+def view_base(node: fx.Node) -> fx.Node:
+    """The node whose memory ``node`` views (``node`` itself where it is no view)."""
+    while is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def owns_its_memory(node: fx.Node) -> bool:
+    """Whether a node's value is certainly memory of its own: the output of an op with a schema
+    saying it aliases none of its inputs, or an element of such an op's list. Placeholders
+    (held by the caller) and ops without a schema are not."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        node = node.args[0]
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            return False
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and not _returns_alias(node)
+
+
 def eliminate_dead_code(graph: fx.Graph) -> bool:
     """``graph.eliminate_dead_code`` that keeps in-place writes and random draws, in the graph
     and in the subgraphs it calls. torch's own recurses into those (a custom autograd function's

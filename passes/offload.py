@@ -21,13 +21,13 @@ view (its base would stay) or a value another saved tensor is a view of, and a n
 from __future__ import annotations
 
 import dataclasses
-import operator
 
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import extract_tensor_metadata
 
 import sbp_compiler.offload_ops  # noqa: F401  (registers the streambp transfer ops)
+from .fx_utils import is_view, view_base
 from sbp_compiler.layer_pieces import layer_ops
 from sbp_compiler.runtime import PLANS
 
@@ -51,29 +51,14 @@ class OffloadResult:
         return text
 
 
-def _is_view(node: fx.Node) -> bool:
-    if node.op != "call_function":
-        return False
-    if node.target is operator.getitem:
-        return False
-    schema = getattr(node.target, "_schema", None)
-    return schema is not None and any(r.alias_info is not None for r in schema.returns)
-
-
-def _view_base(node: fx.Node) -> fx.Node:
-    while _is_view(node) and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
 def _why_kept(x: fx.Node, returned: set, saved: list) -> str:
     if x.op == "placeholder":
         return "an input of the graph, held by its caller"
     if x in returned:
         return "returned by the graph"
-    if _is_view(x):
+    if is_view(x):
         return "a view"
-    if any(s is not x and _view_base(s) is x for s in saved):
+    if any(s is not x and view_base(s) is x for s in saved):
         return "another saved tensor is a view of it"
     value = x.meta.get("val")
     if not isinstance(value, torch.Tensor) or not value.is_contiguous():

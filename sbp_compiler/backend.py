@@ -19,6 +19,8 @@ from torch._dynamo.backends.debugging import boxed_nop
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._logging import trace_structured
 
+from passes.fx_utils import restore_graph, snapshot_graph
+from passes.gradient_in_place import write_gradients_over_incoming
 from passes.offload import offload_layer_inputs
 
 from .autocast import AutocastState
@@ -129,8 +131,24 @@ def _offloading_partition(report: GraphReport):
     return partition
 
 
+def _write_gradients_over_incoming(bw: fx.GraphModule, report: GraphReport) -> None:
+    """``passes/gradient_in_place.py`` on a backward graph; on an error of ours, the graph as it was."""
+    original = snapshot_graph(bw)
+    try:
+        result = write_gradients_over_incoming(bw)
+    except Exception as error:  # the safety net: the layers' backward as AOTAutograd made it
+        restore_graph(bw, original)
+        log.warning("streambp: pass gradient_in_place failed, backward left as it was: %s: %s",
+                    type(error).__name__, error)
+        return
+    if result.layers:
+        text = result.describe()
+        report.gradients_in_place = f"{report.gradients_in_place}; {text}" if report.gradients_in_place else text
+
+
 def _compile_graph(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, example_inputs, plans: list,
-                   piece: str = "", offload_report: Optional[GraphReport] = None):
+                   piece: str = "", offload_report: Optional[GraphReport] = None,
+                   report: Optional[GraphReport] = None):
     """``gm`` through AOTAutograd with the inner compiler; its compiled code owns ``plans``.
     With ``offload_report``, the saved layer inputs go to host memory (``layer_inputs="offload"``)
     and the report says which."""
@@ -141,6 +159,8 @@ def _compile_graph(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, ex
 
     def keep(name):
         def compiler(graph: fx.GraphModule, inputs):
+            if report is not None and name.startswith("aot_backward") and "gradient_in_place" not in config.disable_passes:
+                _write_gradients_over_incoming(graph, report)
             dump(name, graph)
             # The forward and backward graphs own the plans too: a backward still pending
             # when Dynamo drops the forward's code can run.
@@ -164,11 +184,11 @@ def _inner_compile(config: StreamBPConfig, dump: _Dumper, gm: fx.GraphModule, ex
     plans, report = state.plans, state.report
     if not wants_layer_pieces(gm):
         return _compile_graph(config, dump, gm, example_inputs, plans,
-                              offload_report=report if state.offload_layer_inputs else None)
+                              offload_report=report if state.offload_layer_inputs else None, report=report)
     counter = itertools.count()
 
     def compile_piece(piece: fx.GraphModule, inputs):
-        return _compile_graph(config, dump, piece, inputs, plans, piece=f"_piece_{next(counter)}")
+        return _compile_graph(config, dump, piece, inputs, plans, piece=f"_piece_{next(counter)}", report=report)
 
     pieces = compile_layer_pieces(gm, example_inputs, compile_piece)
     report.pieces = len(pieces.meta["partition_names"])

@@ -39,6 +39,16 @@ class InputGradients:
         self.tensors = tensors
         self.needs_grad = needs_grad
         self.grads: list[Optional[torch.Tensor]] = [None] * len(tensors)
+        # Inputs whose gradient is summed into a buffer that still holds other data (the
+        # incoming gradient, read chunk by chunk): index -> end of the slices written so far.
+        self.written_up_to: dict[int, int] = {}
+
+    def sum_into(self, index: int, buffer: torch.Tensor) -> None:
+        """Sum the gradient of sequence input ``index`` into ``buffer`` instead of fresh zeros.
+        ``buffer`` holds other data: each slice's first chunk gradient is copied over it, and
+        ``end_chunk`` zeroes a slice no gradient reached, so chunks must come in order."""
+        self.grads[index] = buffer
+        self.written_up_to[index] = 0
 
     def add(self, index: int, grad: Optional[torch.Tensor], seq_dim: Optional[int] = None, start: int = 0, end: int = 0):
         if grad is None:
@@ -48,7 +58,20 @@ class InputGradients:
         target = self.grads[index]
         if seq_dim is not None:
             target = target.narrow(seq_dim, start, end - start)
-        target.add_(grad)
+        written = self.written_up_to.get(index)
+        if written is not None and start >= written:
+            target.copy_(grad)  # the first gradient of this slice: what was there is dead
+            self.written_up_to[index] = end
+        else:
+            target.add_(grad)
+
+    def end_chunk(self, seq_dims: dict, end: int) -> None:
+        """Every chunk up to ``end`` is done: the slices of a ``sum_into`` buffer that no
+        gradient reached are zeroed (``seq_dims``: index -> its sequence dim)."""
+        for index, written in self.written_up_to.items():
+            if written < end:
+                self.grads[index].narrow(seq_dims[index], written, end - written).zero_()
+                self.written_up_to[index] = end
 
     def add_chunk(self, indices, chunk_grads, seq_dims, start: int, end: int) -> None:
         """One chunk's gradients of the inputs ``indices`` (``seq_dims`` as for ``add``). A
@@ -59,10 +82,12 @@ class InputGradients:
 
     def result(self) -> list[torch.Tensor]:
         """An input that needs a gradient but did not reach an output gets zeros of its shape, as
-        the fake implementations promise; the others get a placeholder scalar."""
+        the fake implementations promise; the others get a placeholder scalar, as does a
+        ``sum_into`` input (its gradient is in the buffer)."""
         return [
-            g.to(t.dtype) if g is not None else (torch.zeros_like(t) if need else t.new_zeros(()))
-            for g, t, need in zip(self.grads, self.tensors, self.needs_grad)
+            t.new_zeros(()) if i in self.written_up_to
+            else g.to(t.dtype) if g is not None else (torch.zeros_like(t) if need else t.new_zeros(()))
+            for i, (g, t, need) in enumerate(zip(self.grads, self.tensors, self.needs_grad))
         ]
 
 

@@ -64,8 +64,9 @@ class StreamBPConfig:
                     CPU the same copies run host to host, saving nothing). Both apply to the
                     layers of one graph (not to layers compiled as graphs of their own: FSDP2
                     units, DDP's per-layer pieces).
-    disable_passes: names of passes of ``sbp_compiler.pipeline.PASSES`` to skip, for debugging
-                    (``("head",)`` keeps the LM head unchunked).
+    disable_passes: names of passes of ``sbp_compiler.pipeline.PASSES`` (or of its
+                    ``BACKWARD_PASSES``) to skip, for debugging (``("head",)`` keeps the LM head
+                    unchunked).
     """
 
     chunk_size: Union[int, str] = "auto"

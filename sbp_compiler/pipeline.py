@@ -194,7 +194,10 @@ PASSES: list[tuple[str, Callable[[fx.GraphModule, PassState], None]]] = [
     ("layer_inputs", layer_inputs_pass),  # layer_inputs="recompute": layer ops tagged for recompute ("offload":
     # after AOTAutograd's partition, passes/offload.py)
 ]
-PASS_NAMES = tuple(name for name, _ in PASSES)
+# Passes on AOTAutograd's backward graph, run by the eager inner compiler (not by Inductor, which
+# compiles the joint graph itself): named here so that ``disable_passes`` can skip them too.
+BACKWARD_PASSES = ("gradient_in_place",)  # passes/gradient_in_place.py: dx written over dy
+PASS_NAMES = tuple(name for name, _ in PASSES) + BACKWARD_PASSES
 
 
 def run_passes(gm: fx.GraphModule, state: PassState, dump: Callable[[str, fx.GraphModule], None]) -> None:

@@ -100,6 +100,7 @@ class GraphReport:
     hints: list[str] = dataclasses.field(default_factory=list)  # what the user can change to chunk more
     pieces: int = 1  # AOTAutograd graphs it was compiled into (one per layer under DDP)
     layer_inputs: str = ""  # option layer_inputs="recompute": which layer inputs stay saved
+    gradients_in_place: str = ""  # passes/gradient_in_place.py: which layer backwards write dx over dy
     fallback_detail: str = ""
     folded_sizes: list[str] = dataclasses.field(default_factory=list)  # size nodes pinned to a value, made ints
     functionalized: list[str] = dataclasses.field(default_factory=list)  # in-place writes made out of place
@@ -144,6 +145,8 @@ class GraphReport:
         lines.append(str(self.head))
         if self.layer_inputs:
             lines.append(f"  layer inputs: {self.layer_inputs}")
+        if self.gradients_in_place:
+            lines.append(f"  backward: {self.gradients_in_place}")
         lines += [f"  hint: {hint}" for hint in self.hints]
         if self.pieces > 1:
             lines.append(f"  compiled as {self.pieces} pieces, one per chunked layer (then the head): under DDP each "

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .chunked_autograd import (
-    InputGradients, accumulator_like, autograd_in_kernel, backward_into_leaves, grad_placeholders_fake, op_input_grads,
+    LOW_PRECISION, InputGradients, accumulator_like, autograd_in_kernel, backward_into_leaves, grad_placeholders_fake, op_input_grads,
     save_op_inputs, shared_leaves,
 )
 from .memory_budget import LAYER_COPIES, MASK_PAIR_BYTES, budget_bytes, largest_chunk
@@ -158,6 +158,19 @@ class LayerPlan:
             args += masks
         return args + [full, end - start, keys]
 
+    def gradient_fits_over_incoming(self, tensors, grad_output, needs_grad) -> bool:
+        """Whether the gradient of the layer's hidden-state input (``output_like``) can be summed
+        into ``grad_output``'s memory (``layer_backward(into_grad_output=True)``): it needs a
+        gradient, is sliced like the output, and both are contiguous of one shape and of a dtype
+        summed in place (not the float32 sums of bfloat16/float16). Real or fake tensors."""
+        like = tensors[self.output_like]
+        dims = [dim for ref, dim in zip(self.layer_inputs, self.query_slice_dims)
+                if ref.kind == "tensor" and ref.index == self.output_like]
+        return (bool(needs_grad[self.output_like]) and bool(dims) and all(d == self.output_seq_dim for d in dims)
+                and grad_output.dtype == like.dtype and like.dtype not in LOW_PRECISION
+                and tuple(grad_output.shape) == tuple(like.shape)
+                and grad_output.is_contiguous() and like.is_contiguous())
+
     def check_dropout(self, values):
         for index in self.dropout_sources:
             if float(values[index].detach()) != 0.0:
@@ -259,11 +272,21 @@ def layer_backward(
     ints: Sequence[int],
     grad_output: torch.Tensor,
     needs_grad: Sequence[bool],
+    into_grad_output: bool = False,
 ) -> list[torch.Tensor]:
+    """The gradients of the op's tensors (placeholder scalars for those needing none). With
+    ``into_grad_output``, the hidden-state input's gradient is written over ``grad_output``
+    (whose chunk ``c`` is dead once chunk ``c``'s backward has run) and a placeholder returned
+    in its place: one ``tokens x hidden`` tensor fewer at the layer's peak."""
     values, mask_values = plan.unpack(tensors, ints)
     full = tensors[plan.output_like].shape[plan.output_seq_dim]
     size = plan.chunk_length(full, grad_output.device)
     grads = InputGradients(tensors, needs_grad)
+    over_incoming = into_grad_output and grad_output._base is None and plan.gradient_fits_over_incoming(
+        tensors, grad_output, needs_grad)
+    if over_incoming:
+        grads.sum_into(plan.output_like, grad_output)
+    seq_dims = {plan.output_like: plan.output_seq_dim}
     # Layer inputs that receive gradients, by position in the layer's argument list.
     wanted = [
         i for i, ref in enumerate(plan.layer_inputs)
@@ -306,6 +329,7 @@ def layer_backward(
                 if grad is not None:
                     target.narrow(plan.kv_seq_dim, 0, plan.key_length(end, full)).add_(grad)
             accumulate(leaves, chunk_grads[count:], start, end)
+            grads.end_chunk(seq_dims, end)
             # Nothing of this chunk may outlive it: its gradients are prefix- and weight-sized.
             del chunk_grads, args, leaves, prefixes, grad
         # The prefix contributions: dK/dV through the K/V projections, once per layer (chunk
@@ -326,7 +350,11 @@ def layer_backward(
                 accumulate(leaves, kv_grads, start, end)
                 del kv_grads
             del args, leaves, parts, pairs
-    return grads.result()
+    result = grads.result()
+    if into_grad_output and not over_incoming:  # the graph reads the gradient from grad_output
+        grad_output.copy_(result[plan.output_like])
+        result[plan.output_like] = grad_output.new_zeros(())
+    return result
 
 
 # -- the custom ops ---------------------------------------------------------------------------
@@ -355,6 +383,27 @@ def layer_backward_op(
 @layer_backward_op.register_fake
 def _layer_backward_fake(plan_id, tensors, ints, grad_output, needs_grad):
     return grad_placeholders_fake(tensors, needs_grad)
+
+
+@torch.library.custom_op("streambp::layer_backward_into_grad_output", mutates_args=("grad_output",))
+def layer_backward_into_grad_output_op(
+    plan_id: int,
+    tensors: list[torch.Tensor],
+    ints: list[int],
+    grad_output: torch.Tensor,
+    needs_grad: list[bool],
+) -> list[torch.Tensor]:
+    """``layer_backward`` with the hidden-state input's gradient written over ``grad_output``
+    (placed by ``passes/gradient_in_place.py`` where nothing else reads it)."""
+    return layer_backward(PLANS[plan_id], tensors, ints, grad_output, needs_grad, into_grad_output=True)
+
+
+@layer_backward_into_grad_output_op.register_fake
+def _layer_backward_into_grad_output_fake(plan_id, tensors, ints, grad_output, needs_grad):
+    grads = grad_placeholders_fake(tensors, needs_grad)
+    like = PLANS[plan_id].output_like
+    grads[like] = tensors[like].new_zeros(())
+    return grads
 
 
 def _backward(ctx, grad_output):

@@ -199,7 +199,8 @@ def test_offload_copies_out_after_forward_and_prefetches_one_layer_ahead(tmp_pat
             assert layer_calls[k + 1] < waits[k], "the wait comes after the next layer's op"
     returned = forward[lines_with(forward, "return (")[0]]
     assert returned.count("offloaded_") == 4, returned
-    backward_calls = lines_with(backward, "torch.ops.streambp.layer_backward.default(")
+    # (each written over its incoming gradient, passes/gradient_in_place.py)
+    backward_calls = lines_with(backward, "torch.ops.streambp.layer_backward_into_grad_output.default(")
     reloads = lines_with(backward, "torch.ops.streambp.reload.default(")
     assert len(backward_calls) == len(reloads) == 4, backward
     for k, call in enumerate(backward_calls):
