@@ -17,6 +17,8 @@ on CUDA, with no mask, torch's lower-right ``CausalBias``, which picks a kernel 
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Optional
 
 import torch
@@ -26,6 +28,50 @@ from torch.nn.attention.bias import causal_lower_right
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Keys per block of the prefix when its gradients are summed in place (``gradients_into``): the
+# most of dK/dV that exists at once beside the sums.
+PREFIX_BLOCK_KEYS = 1024
+_sinks = threading.local()
+
+
+@contextlib.contextmanager
+def gradients_into(pairs):
+    """While a chunk's graph runs (eagerly): ``pairs`` of (prefix leaf, its gradient sum, of the
+    leaf's shape and strides). An attention whose key and value are views of such leaves, over
+    an unmasked prefix and causal diagonal, adds its dK/dV into the sums block by block in
+    backward and returns none for them: no prefix-sized gradient is allocated per chunk."""
+    previous = getattr(_sinks, "pairs", None)
+    _sinks.pairs = pairs
+    try:
+        yield
+    finally:
+        _sinks.pairs = previous
+
+
+def _without_overlap(tensor: torch.Tensor) -> bool:
+    """No two elements of ``tensor`` share memory (a sufficient test: each dim's stride spans
+    the dims of smaller stride; torch's own check gives up on narrowed views)."""
+    span = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(tensor.stride(), tensor.shape) if sz > 1):
+        if stride < span:
+            return False
+        span = stride * size
+    return True
+
+
+def _sum_view(tensor: torch.Tensor) -> Optional[torch.Tensor]:
+    """The view of a ``gradients_into`` sum with ``tensor``'s place in its leaf, if ``tensor``
+    views one without overlap; None otherwise (or while compiling: fake tensors)."""
+    pairs = getattr(_sinks, "pairs", None)
+    if not pairs or torch.compiler.is_compiling() or not tensor.requires_grad:
+        return None
+    for leaf, total in pairs:
+        if (tensor.untyped_storage().data_ptr() == leaf.untyped_storage().data_ptr()
+                and leaf.shape == total.shape and leaf.stride() == total.stride()
+                and _without_overlap(tensor)):
+            offset = tensor.storage_offset() - leaf.storage_offset()
+            return total.as_strided(tensor.size(), tensor.stride(), total.storage_offset() + offset)
+    return None
 
 
 def is_lower_right_causal(mask: Optional[torch.Tensor], q_len: int, kv_len: int) -> bool:
@@ -77,6 +123,7 @@ def _(query, key, value, mask, scale):
 def _setup_context(ctx, inputs, output):
     query, key, value, mask, ctx.scale = inputs
     ctx.save_for_backward(query, key, value, mask, *output)
+    ctx.key_sum, ctx.value_sum = _sum_view(key), _sum_view(value)
     # The log-sum-exp is returned for the caller's information; no gradient flows through it.
     ctx.mark_non_differentiable(output[1])
 
@@ -110,8 +157,32 @@ def _(grad_out, query, key, value, mask, out, lse, scale):
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
+def _backward_into(grad_out, query, key, value, out, lse, scale, key_sum, value_sum) -> torch.Tensor:
+    """dQ of a lower-right causal ``prefix_attention``, its dK/dV added into ``key_sum`` /
+    ``value_sum``: the prefix in blocks of ``PREFIX_BLOCK_KEYS`` keys, then the diagonal, each
+    block's flash backward with the merged output and log-sum-exp (the gradient of the softmax
+    over all keys, as in ``prefix_attention_backward``)."""
+    grad_out = grad_out.contiguous()
+    start = key.shape[-2] - query.shape[-2]
+    blocks = [(b, min(start, b + PREFIX_BLOCK_KEYS), False) for b in range(0, start, PREFIX_BLOCK_KEYS)]
+    blocks.append((start, key.shape[-2], True))
+    grad_query = None
+    for begin, end, causal in blocks:
+        dq, dk, dv = _flash_backward(grad_out, query, key[:, :, begin:end], value[:, :, begin:end], out, lse, 0.0,
+                                     causal, scale=scale)
+        key_sum[:, :, begin:end].add_(dk)
+        value_sum[:, :, begin:end].add_(dv)
+        grad_query = dq if grad_query is None else grad_query.add_(dq)
+        del dk, dv
+    return grad_query.contiguous()
+
+
 def _backward(ctx, grad_out, grad_lse):
     query, key, value, mask, out, lse = ctx.saved_tensors
+    if (ctx.key_sum is not None and ctx.value_sum is not None
+            and is_lower_right_causal(mask, query.shape[-2], key.shape[-2])):
+        grad_query = _backward_into(grad_out, query, key, value, out, lse, ctx.scale, ctx.key_sum, ctx.value_sum)
+        return grad_query, None, None, None, None
     return *prefix_attention_backward(grad_out, query, key, value, mask, out, lse, ctx.scale), None, None
 
 

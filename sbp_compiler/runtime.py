@@ -29,6 +29,7 @@ from .chunked_autograd import (
     save_op_inputs, shared_leaves,
 )
 from .memory_budget import LAYER_COPIES, MASK_PAIR_BYTES, budget_bytes, largest_chunk
+from .prefix_attention import gradients_into
 
 log = logging.getLogger(__name__)
 
@@ -320,8 +321,13 @@ def layer_backward(
             for i in range(n, n + count):
                 args[i] = args[i].detach().requires_grad_()
                 prefixes.append(args[i])
+            # Attention over the prefix adds its dK/dV into grad_kvs itself where it can
+            # (prefix_attention.gradients_into); the rest comes back through the leaves.
+            sums = [g.narrow(plan.kv_seq_dim, 0, plan.key_length(end, full)) for g in grad_kvs]
+            with gradients_into(list(zip(prefixes, sums))):
+                chunk_output = plan.query_graph(*args)
             chunk_grads = backward_into_leaves(
-                plan.query_graph(*args),
+                chunk_output,
                 grad_output.narrow(plan.output_seq_dim, start, end - start),
                 [*prefixes, *leaves.values()],
             )
@@ -331,7 +337,7 @@ def layer_backward(
             accumulate(leaves, chunk_grads[count:], start, end)
             grads.end_chunk(seq_dims, end)
             # Nothing of this chunk may outlive it: its gradients are prefix- and weight-sized.
-            del chunk_grads, args, leaves, prefixes, grad
+            del chunk_grads, chunk_output, args, leaves, prefixes, grad, sums
         # The prefix contributions: dK/dV through the K/V projections, once per layer (chunk
         # by chunk: the K/V computation is token-wise).
         del kvs

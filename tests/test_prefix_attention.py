@@ -149,3 +149,54 @@ def test_custom_op_passes_torch_opcheck(mask_kind):
     q = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # a transposed layout, as models pass
     mask = None if mask_kind == "none" else padded(5, 13)
     torch.library.opcheck(torch.ops.streambp.prefix_attention.default, (q, k, v, mask, None))
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(5, 13), (4, 4), (3, 11)])
+@pytest.mark.parametrize("mask_kind", ["none", "padded"])
+def test_prefix_gradients_summed_in_place_block_by_block(monkeypatch, q_len, kv_len, mask_kind):
+    """Key and value as views of leaves registered with ``gradients_into`` (the layer's K/V
+    prefix and its dK/dV sums): causal, their gradients are added into the sums in blocks of
+    ``PREFIX_BLOCK_KEYS`` keys (2 here, so the prefix takes several) and none comes back through
+    autograd; padded, the kernel runs once and they come back as usual. Either way the sums plus
+    what comes back equal sdpa's gradients; dQ too."""
+    monkeypatch.setattr(prefix_attention, "PREFIX_BLOCK_KEYS", 2)
+    q, k, v = operands(q_len, kv_len)
+    mask = None if mask_kind == "none" else padded(q_len, kv_len)
+    grad = torch.randn(2, 4, q_len, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected = output_and_grads(lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=causal(q_len, kv_len) if mask is None else mask, enable_gqa=True), q, k, v, grad)
+    # The layer's K/V over the whole sequence, laid out (B, T, H, D) and seen (B, H, T, D) by the
+    # attention: a narrowed, transposed view, as a chunk's prefix is.
+    whole = [t.detach().transpose(1, 2).contiguous() for t in (k, v)]
+    sums = [torch.full_like(w, 0.5) for w in whole]  # other chunks' gradients, already summed
+    leaves = [w.detach().requires_grad_() for w in whole]
+    with prefix_attention.gradients_into(list(zip(leaves, sums))):
+        out = prefix_sdpa(q, leaves[0].transpose(1, 2), leaves[1].transpose(1, 2), attn_mask=mask, enable_gqa=True)
+    dq, *leaf_grads = torch.autograd.grad(out, (q, *leaves), grad, allow_unused=True)
+    if mask is None:
+        assert leaf_grads == [None, None], "the gradients went into the sums, not through autograd"
+    for name, total, leaf_grad, reference in zip(("dk", "dv"), sums, leaf_grads, expected[2:]):
+        got = (total - 0.5 + (0 if leaf_grad is None else leaf_grad)).transpose(1, 2)
+        assert (got - reference).abs().max() <= 1e-12 * reference.abs().max(), name
+    assert (out - expected[0]).abs().max() <= 1e-12 * expected[0].abs().max()
+    assert (dq - expected[1]).abs().max() <= 1e-12 * expected[1].abs().max()
+
+
+def test_models_sum_prefix_gradients_in_place_and_keep_eager_gradients(monkeypatch):
+    """Unpadded (causal) chunks of a model add their prefix dK/dV into the layer's sums, in
+    blocks smaller than the prefix; the gradients stay eager's."""
+    monkeypatch.setattr(prefix_attention, "PREFIX_BLOCK_KEYS", 3)
+    summed = collections.Counter()
+    backward_into = prefix_attention._backward_into
+
+    def counting(*args):
+        summed[args[2].shape[-2]] += 1
+        return backward_into(*args)
+
+    monkeypatch.setattr(prefix_attention, "_backward_into", counting)
+    model = float64_throughout(build_model("qwen3"))
+    compiled = torch.compile(model, backend="streambp", options={"chunk_size": 4})
+    inputs = batch(13)
+    inputs.pop("attention_mask")
+    assert_exact(model, compiled, inputs, 1e-10)
+    assert summed == {4: 2, 8: 2, 12: 2, 13: 2}, summed  # every chunk of both layers
