@@ -272,6 +272,75 @@ def markdown(args, points, fits) -> str:
     return "\n".join(lines)
 
 
+# Published longest single-GPU (80 GB) training lengths, as reported (not re-run here), with what
+# each keeps on the device.
+PUBLISHED = [
+    ("StreamBP paper", "qwen3-4b", 200_000, "SFT in bfloat16, weights and gradients on the device, layer-wise "
+     "chunked backward (its gradient checkpointing: 28.5k)"),
+    ("Unsloth", "llama3.1-8b", 342_000, "QLoRA: 4-bit frozen weights and the LoRA adapters on the device, "
+     "checkpointed layer inputs offloaded to host memory"),
+    ("Arctic Long Sequence Training", "llama3.1-8b", 500_000, "full fine-tuning with the weights and optimizer "
+     "state offloaded to host memory (ZeRO-3 offload), checkpointed layer inputs offloaded, MLP and loss tiled"),
+]
+LAYER_INPUTS_MODES = ("keep", "recompute", "offload")
+
+
+def inputs_on_device(mode: str, layers: int) -> int:
+    """Layer inputs on the device at once, at most: every one ("keep"), the segment boundaries
+    and one segment's recomputed inputs ("recompute", ``passes/layer_inputs.segment_lengths``),
+    or two ("offload": one being copied out while the next layer runs, one reloaded ahead)."""
+    from passes.layer_inputs import segment_lengths
+
+    if mode == "keep" or layers <= 2:
+        return layers
+    if mode == "recompute":
+        return max(i + n - 1 for i, n in enumerate(segment_lengths(layers), start=1))
+    return 2
+
+
+def layer_inputs_markdown(args, fits) -> str:
+    """The longest sequence under the budget per ``layer_inputs`` mode, from streambp's fit: per
+    token, the head-and-working-set term plus one saved layer input per input on the device."""
+    itemsize = DTYPES[args.dtype].itemsize
+    lines = [f"Longest sequence under {args.budget_gb:g} GB per `layer_inputs` mode, extrapolated from the "
+             f"{args.dtype} fit of streambp's peaks above (per token: head and one layer's working set, plus one "
+             "saved layer input per input on the device):", "",
+             "| model | device holds | mode | inputs on device | per token | longest | host memory at that length |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for shape in args.shapes:
+        if "streambp" not in fits.get(shape, {}):
+            continue
+        measured, f = fits[shape]["streambp"]
+        depth = SHAPES[shape]["full_depth"]
+        variants = [(args.dtype, f, itemsize, measured.fixed)]
+        if args.dtype == "float32":
+            # Not measured (bfloat16 matmuls are too slow on this CPU): weights, gradients and the
+            # saved inputs halve; the head's per-token term is kept (HF's loss upcasts the logits
+            # to float32), so this overstates the bfloat16 peak.
+            variants.append(("bfloat16, estimated from float32", Fit(f.fixed / 2, f.fixed_per_layer / 2,
+                                                                      f.head_per_token, f.layer_per_token / 2), 2,
+                             measured.fixed / 2))
+        for dtype, g, nbytes, allocated in variants:
+            holds = {
+                "weights and their gradients": g.fixed + depth * g.fixed_per_layer,
+                # The weights, and what the step allocates whatever the length (no weight gradients).
+                "frozen weights (LoRA: adapters negligible)":
+                    parameter_count(model_config(shape, depth)) * nbytes + max(0.0, allocated),
+            }
+            for what, fixed in holds.items():
+                for mode in LAYER_INPUTS_MODES:
+                    alive = inputs_on_device(mode, depth)
+                    per_token = g.head_per_token + alive * g.layer_per_token
+                    longest = max(0, int((args.budget_gb * GB - fixed) / per_token))
+                    host = size(longest * depth * g.layer_per_token) if mode == "offload" else "-"
+                    lines.append(f"| {shape}, {dtype} | {what} ({size(fixed)}) | `{mode}` | {alive} of {depth} | "
+                                 f"{per_token / 1e3:.1f} kB | {longest:,} | {host} |")
+    lines += ["", "Published (not re-run here), on one 80 GB GPU:", ""]
+    lines += [f"- {who}: {model}, {tokens:,} tokens; {what}" for who, model, tokens, what in PUBLISHED
+              if model in args.shapes]
+    return "\n".join(lines) + "\n"
+
+
 def describe():
     return f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
@@ -293,6 +362,8 @@ def main(argv=None):
             fitted = fit([p for p in measured if p.layers in args.layers])
             fits[shape][method] = fitted, with_resident_bytes(shape, fitted, DTYPES[args.dtype].itemsize)
     print(markdown(args, points, fits))
+    if "streambp" in args.methods:
+        print(layer_inputs_markdown(args, fits))
     print(f"(measured in {time.perf_counter() - started:.0f} s; command: python benchmarks/real_shapes.py "
           + " ".join(sys.argv[1:] if argv is None else argv) + ")")
     if args.json:

@@ -120,6 +120,14 @@ def test_real_shapes_script(capsys):
     # chunk's worth, so its longest sequence is several times longer.
     ratio = float(re.search(r"longest sequence: \*\*([\d.]+)x\*\*", out).group(1))
     assert ratio > 4, out
+    # Per layer_inputs mode, from streambp's fit: 8, 4 and 2 of the 8 inputs on the device, so
+    # each mode reaches further than the one before, for both kinds of fixed cost.
+    rows = re.findall(r"\| tiny, float32 \| (weights and their gradients|frozen weights)[^|]*\| `(\w+)` \| "
+                      r"(\d+) of 8 \| [\d.]+ kB \| ([\d,]+) \|", out)
+    assert [(mode, alive) for _, mode, alive, _ in rows] == [("keep", "8"), ("recompute", "4"), ("offload", "2")] * 2, out
+    for holds in ("weights and their gradients", "frozen weights"):
+        longest = [int(n.replace(",", "")) for what, _, _, n in rows if what == holds]
+        assert longest[0] < longest[1] < longest[2], (holds, longest)
 
 
 def test_compile_time_script(capsys):
