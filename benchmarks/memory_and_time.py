@@ -179,6 +179,7 @@ class Point:
     failure: str | None = None
     floor_bytes: int | None = None  # see ``physical_floor``
     parameter_bytes: int | None = None  # resident before the step, so not in ``peak_bytes``
+    gradient_bytes: int | None = None  # one B x T x hidden gradient: see ``incoming_gradient``
 
     def total_bytes(self) -> int:
         """The step's peak with the parameters counted: what compares with the floor."""
@@ -195,6 +196,12 @@ def physical_floor(model, sequences: int, length: int) -> int:
     layer_inputs = config.num_hidden_layers * tokens * config.hidden_size * itemsize
     key_value = 4 * tokens * config.num_key_value_heads * config.head_dim * itemsize
     return 2 * parameters + layer_inputs + key_value
+
+
+def incoming_gradient(model, sequences: int, length: int) -> int:
+    """The gradient a layer's backward receives (B x T x hidden): held by any exact method while
+    it computes the gradient of the layer's input, and not in ``physical_floor``."""
+    return sequences * length * model.config.hidden_size * next(model.parameters()).element_size()
 
 
 def measure(args, method, objective, lengths=None) -> list[Point]:
@@ -225,7 +232,8 @@ def measure(args, method, objective, lengths=None) -> list[Point]:
             sequences = next(iter(inputs.values())).shape[0] * (2 if objective == "dpo" else 1)
             parameters = sum(p.numel() * p.element_size() for p in model.parameters())
             points.append(Point(method, objective, length, peak, seconds, None,
-                                physical_floor(model, sequences, length), parameters))
+                                physical_floor(model, sequences, length), parameters,
+                                incoming_gradient(model, sequences, length)))
     return points
 
 
@@ -264,6 +272,12 @@ def markdown(args, points, fits, confirmations=()):
                   f"{measured[0].parameter_bytes / mb if measured else 0:.1f} MB, which exist before the step): " + "; ".join(
             f"{m} " + ", ".join(f"{p.total_bytes() / p.floor_bytes:.2f} at {p.length}" for p in measured if p.method == m)
             for m in args.methods if any(p.method == m for p in measured))]
+        if any(p.gradient_bytes for p in measured):
+            lines += ["", "Measured / (physical floor + the incoming gradient of a layer's backward, one tokens x "
+                      "hidden tensor): " + "; ".join(
+                f"{m} " + ", ".join(f"{p.total_bytes() / (p.floor_bytes + p.gradient_bytes):.2f} at {p.length}"
+                                    for p in measured if p.method == m and p.gradient_bytes)
+                for m in args.methods if any(p.method == m for p in measured))]
         slopes = fits.get(objective, {})
         if slopes:
             base = slopes.get("streambp", (None,))[0]
