@@ -204,6 +204,10 @@ def register_plan(plan, owner: list) -> int:
     return plan_id
 
 
+# Keys per block when a chunk's masks are checked to hide the keys after the chunk.
+CHECK_BLOCK_KEYS = 4096
+
+
 class NotCausalError(RuntimeError):
     """A chunk mask lets a query see a later key: chunking would change the result."""
 
@@ -211,7 +215,9 @@ class NotCausalError(RuntimeError):
 def _visible(mask: torch.Tensor, how: str = "above_min") -> torch.Tensor:
     """Where a mask lets a key through: its nonzero entries, its zero entries (a masked_fill
     condition), or, for an additive mask, entries above half the dtype's minimum."""
-    if how == "nonzero" or (how == "above_min" and mask.dtype == torch.bool):
+    if mask.dtype == torch.bool:  # as it is: ``mask != 0`` would first copy it to int64
+        return ~mask if how == "zero" else mask
+    if how == "nonzero":
         return mask != 0
     if how == "zero":
         return mask == 0
@@ -243,8 +249,12 @@ def check_lower_right_causal(masks: list[torch.Tensor], start: int, end: int, wh
     query = torch.arange(end - start, device=device)
     future = query[None, :] > query[:, None]
     seen = bool((visible(start, end - start) & future).any())
-    if not seen and end < full:
-        seen = bool(visible(end, full - end).any())
+    # The keys after the chunk, in blocks: what a block's check makes is chunk x block, not
+    # chunk x T (at 32k tokens the whole of it was twice the size of a hidden state).
+    for begin in range(end, full, CHECK_BLOCK_KEYS):
+        if seen:
+            break
+        seen = bool(visible(begin, min(CHECK_BLOCK_KEYS, full - begin)).any())
     if seen:
         raise NotCausalError(
             f"streambp: the attention mask of {where} lets a query see later keys (not causal); "

@@ -478,3 +478,34 @@ def test_a_no_grad_block_inside_a_checkpointed_layer_stays_one():
         model.blocks[i] = checkpointed
     assert_exact_once(model)
     assert len(sbp_compiler.last_report().chunked_layers) == 2, str(sbp_compiler.last_report())
+
+
+@pytest.mark.parametrize("dtype,how,hidden,open_", [
+    (torch.bool, "above_min", False, True), (torch.bool, "zero", True, False),
+    (torch.float32, "above_min", torch.finfo(torch.float32).min, 0.0), (torch.long, "nonzero", 0, 1),
+])
+def test_run_time_causality_check_sees_every_key_after_the_chunk(monkeypatch, dtype, how, hidden, open_):
+    """The check of a chunk's masks over the keys after the chunk goes block by block: a later
+    key let through in the last block, or on the diagonal, is still refused, for each kind of
+    mask; a causal one passes."""
+    from sbp_compiler import runtime
+
+    monkeypatch.setattr(runtime, "CHECK_BLOCK_KEYS", 3)
+    start, end, full = 4, 8, 17
+
+    def mask(*seen):
+        m = torch.full((2, 1, end - start, full), hidden, dtype=dtype)
+        for j in range(end - start):
+            m[..., j, : start + j + 1] = open_
+        for j, key in seen:
+            m[1, 0, j, key] = open_
+        return m
+
+    runtime.check_lower_right_causal([mask()], start, end, "a causal mask", [how])
+    for seen in ((0, 16), (2, 7), (3, 9)):
+        with pytest.raises(runtime.NotCausalError):
+            runtime.check_lower_right_causal([mask(seen)], start, end, "a mask seeing ahead", [how])
+    # Two masks: a key is visible only if both let it through.
+    runtime.check_lower_right_causal([mask((0, 16)), mask()], start, end, "two masks", [how, how])
+    with pytest.raises(runtime.NotCausalError):
+        runtime.check_lower_right_causal([mask((0, 16)), mask((0, 16))], start, end, "two masks", [how, how])
