@@ -7,10 +7,13 @@
   HF ``labels=`` path through a function that returns the loss: at most a quarter of activation
   checkpointing, and no tensor of T x vocab elements is ever allocated.
 """
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from sbp_compiler.profiling import trace_memory
+
+pytestmark = pytest.mark.all_cores  # steps of 4k to 16k tokens: the matmuls use both cores
 
 
 def four_layer_llama():
