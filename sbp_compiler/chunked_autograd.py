@@ -40,15 +40,19 @@ class InputGradients:
         self.needs_grad = needs_grad
         self.grads: list[Optional[torch.Tensor]] = [None] * len(tensors)
         # Inputs whose gradient is summed into a buffer that still holds other data (the
-        # incoming gradient, read chunk by chunk): index -> end of the slices written so far.
+        # incoming gradient, read chunk by chunk): index -> end of the slices written so far,
+        # and index -> the buffer's sequence dim.
         self.written_up_to: dict[int, int] = {}
+        self.buffer_seq_dims: dict[int, int] = {}
 
-    def sum_into(self, index: int, buffer: torch.Tensor) -> None:
-        """Sum the gradient of sequence input ``index`` into ``buffer`` instead of fresh zeros.
-        ``buffer`` holds other data: each slice's first chunk gradient is copied over it, and
-        ``end_chunk`` zeroes a slice no gradient reached, so chunks must come in order."""
+    def sum_into(self, index: int, buffer: torch.Tensor, seq_dim: int) -> None:
+        """Sum the gradient of sequence input ``index`` (chunked along ``seq_dim``) into ``buffer``
+        instead of fresh zeros. ``buffer`` holds other data: each slice's first chunk gradient is
+        copied over it, and ``end_chunk`` zeroes a slice no gradient reached, so chunks must come
+        in order."""
         self.grads[index] = buffer
         self.written_up_to[index] = 0
+        self.buffer_seq_dims[index] = seq_dim
 
     def add(self, index: int, grad: Optional[torch.Tensor], seq_dim: Optional[int] = None, start: int = 0, end: int = 0):
         if grad is None:
@@ -65,12 +69,12 @@ class InputGradients:
         else:
             target.add_(grad)
 
-    def end_chunk(self, seq_dims: dict, end: int) -> None:
+    def end_chunk(self, end: int) -> None:
         """Every chunk up to ``end`` is done: the slices of a ``sum_into`` buffer that no
-        gradient reached are zeroed (``seq_dims``: index -> its sequence dim)."""
+        gradient reached are zeroed."""
         for index, written in self.written_up_to.items():
             if written < end:
-                self.grads[index].narrow(seq_dims[index], written, end - written).zero_()
+                self.grads[index].narrow(self.buffer_seq_dims[index], written, end - written).zero_()
                 self.written_up_to[index] = end
 
     def add_chunk(self, indices, chunk_grads, seq_dims, start: int, end: int) -> None:

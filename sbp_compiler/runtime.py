@@ -296,8 +296,7 @@ def layer_backward(
     over_incoming = into_grad_output and grad_output._base is None and plan.gradient_fits_over_incoming(
         tensors, grad_output, needs_grad)
     if over_incoming:
-        grads.sum_into(plan.output_like, grad_output)
-    seq_dims = {plan.output_like: plan.output_seq_dim}
+        grads.sum_into(plan.output_like, grad_output, plan.output_seq_dim)
     # Layer inputs that receive gradients, by position in the layer's argument list.
     wanted = [
         i for i, ref in enumerate(plan.layer_inputs)
@@ -341,11 +340,11 @@ def layer_backward(
                 grad_output.narrow(plan.output_seq_dim, start, end - start),
                 [*prefixes, *leaves.values()],
             )
-            for target, grad in zip(grad_kvs, chunk_grads[:count]):
+            for total, grad in zip(sums, chunk_grads[:count]):
                 if grad is not None:
-                    target.narrow(plan.kv_seq_dim, 0, plan.key_length(end, full)).add_(grad)
+                    total.add_(grad)
             accumulate(leaves, chunk_grads[count:], start, end)
-            grads.end_chunk(seq_dims, end)
+            grads.end_chunk(end)
             # Nothing of this chunk may outlive it: its gradients are prefix- and weight-sized.
             del chunk_grads, chunk_output, args, leaves, prefixes, grad, sums
         # The prefix contributions: dK/dV through the K/V projections, once per layer (chunk

@@ -169,3 +169,31 @@ class Gradients(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.steps.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None})
+
+
+def peak_growth_in_hidden_states(model, options: dict, lengths=(1024, 2048)) -> float:
+    """How much the peak of a compiled SFT step (loss only, batch 1) grows from the first length
+    to the second, in hidden states of the growth (``(T2 - T1) x hidden`` floats): per token of
+    sequence, so the fixed costs (parameter gradients) cancel. Compiled dynamic, once for both
+    lengths, outside the measurement."""
+    from sbp_compiler.profiling import trace_memory
+
+    torch._dynamo.reset()
+
+    def loss_fn(ids):
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    compiled = torch.compile(loss_fn, backend="streambp", options=options, dynamic=True)
+    peaks = []
+    for index, length in enumerate(lengths):
+        ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+
+        def step():
+            compiled(ids).backward()
+            model.zero_grad(set_to_none=True)
+
+        if index == 0:
+            step()
+        peaks.append(trace_memory(step)[1].peak_bytes)
+    hidden_state = (lengths[1] - lengths[0]) * model.config.hidden_size * next(model.parameters()).element_size()
+    return (peaks[1] - peaks[0]) / hidden_state

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import sbp_compiler
-from models import assert_exact, batch, build_model, float64_throughout, max_relative_error
+from models import assert_exact, batch, build_model, float64_throughout, max_relative_error, peak_growth_in_hidden_states
 from sbp_compiler.chunked_autograd import InputGradients
-from sbp_compiler.profiling import trace_memory
 
 ALL_REWRITTEN = "2 of 2 layer backward(s) write their input gradient over the incoming gradient"
 
@@ -66,15 +65,15 @@ def test_sum_into_a_buffer_holding_other_data():
     like = torch.zeros(2, 6)
     buffer = torch.full((2, 6), 7.0)  # stands for the incoming gradient
     grads = InputGradients([like], [True])
-    grads.sum_into(0, buffer)
+    grads.sum_into(0, buffer, 1)
     one = torch.ones(2, 2)
     grads.add(0, one, 1, 0, 2)
     grads.add(0, one, 1, 0, 2)  # a second layer input with the same tensor: adds
-    grads.end_chunk({0: 1}, 2)
+    grads.end_chunk(2)
     grads.add(0, None, 1, 2, 4)  # no gradient reached chunk [2, 4)
-    grads.end_chunk({0: 1}, 4)
+    grads.end_chunk(4)
     grads.add(0, 3 * one, 1, 4, 6)
-    grads.end_chunk({0: 1}, 6)
+    grads.end_chunk(6)
     grads.add(0, torch.ones(2, 6), 1, 0, 6)  # the K/V pass, after every chunk: adds
     expected = torch.tensor([[3.0, 3, 1, 1, 4, 4]] * 2)
     torch.testing.assert_close(buffer, expected)
@@ -92,26 +91,7 @@ def test_lowers_the_peak_by_one_hidden_state_per_token():
     config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
     model = AutoModelForCausalLM.from_config(config).train()
-    growth = {}
-    for disabled in ((), ("gradient_in_place",)):
-        torch._dynamo.reset()
-
-        def loss_fn(ids):
-            return model(input_ids=ids, labels=ids, use_cache=False).loss
-
-        compiled = torch.compile(loss_fn, backend="streambp", options={"disable_passes": disabled}, dynamic=True)
-        peaks = []
-        for length in (1024, 2048):
-            ids = torch.randint(0, 1024, (1, length), generator=torch.Generator().manual_seed(0))
-
-            def step():
-                compiled(ids).backward()
-                model.zero_grad(set_to_none=True)
-
-            if length == 1024:
-                step()
-            peaks.append(trace_memory(step)[1].peak_bytes)
-        growth[disabled] = peaks[1] - peaks[0]
-    hidden_state = 1024 * 64 * 4
-    saved = (growth[("gradient_in_place",)] - growth[()]) / hidden_state
-    assert saved >= 0.9, {k: g / hidden_state for k, g in growth.items()}
+    growth = {disabled: peak_growth_in_hidden_states(model, {"disable_passes": disabled})
+              for disabled in ((), ("gradient_in_place",))}
+    saved = growth[("gradient_in_place",)] - growth[()]
+    assert saved >= 0.9, growth

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import sbp_compiler
-from models import assert_exact, batch, build_model, float64_throughout, loss_and_grads, max_relative_error
+from models import (
+    assert_exact, batch, build_model, float64_throughout, loss_and_grads, max_relative_error, peak_growth_in_hidden_states,
+)
 from passes.layer_inputs import segment_lengths
 from sbp_compiler.memory_budget import largest_chunk
-from sbp_compiler.profiling import trace_memory
 
 FLOAT64_TOLERANCE = 1e-10
 
@@ -95,29 +96,9 @@ def test_recompute_lowers_the_peak_by_the_inputs_not_saved():
     config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=8,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
     model = AutoModelForCausalLM.from_config(config).train()
-    growth = {}
-    for mode in ("keep", "recompute"):
-        torch._dynamo.reset()
-
-        def loss_fn(ids):
-            return model(input_ids=ids, labels=ids, use_cache=False).loss
-
-        compiled = torch.compile(loss_fn, backend="streambp", options={"layer_inputs": mode}, dynamic=True)
-        peaks = []
-        for length in (1024, 2048):
-            ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(0))
-
-            def step():
-                compiled(ids).backward()
-                model.zero_grad(set_to_none=True)
-
-            if length == 1024:
-                step()  # compile (dynamic: once for both lengths) outside the measurement
-            peaks.append(trace_memory(step)[1].peak_bytes)
-        growth[mode] = peaks[1] - peaks[0]
-    hidden_states = 1024 * 128 * 4  # the growth of one hidden state
-    saved = (growth["keep"] - growth["recompute"]) / hidden_states
-    assert saved >= 3.5, {mode: g / hidden_states for mode, g in growth.items()}
+    growth = {mode: peak_growth_in_hidden_states(model, {"layer_inputs": mode}) for mode in ("keep", "recompute")}
+    saved = growth["keep"] - growth["recompute"]
+    assert saved >= 3.5, growth
 
 
 def test_recompute_with_too_few_layers_keeps_every_input():
